@@ -1,0 +1,44 @@
+# Set-up and the two everyday commands. `make demo` and `make test` create the virtual environment on first use.
+#
+#   make demo          the whole pipeline on generated videos, on a CPU (a few minutes)
+#   make test          the test suite (no GPU, no network)
+#   make test-fast     without the slow end-to-end tests
+#   make bench         the CPU benchmarks (precompute, loader, train step, listing)
+#
+# GPU hosts: `make setup TORCH="torch==2.14.1"` (or any CUDA build of torch >= 2.4 installed first).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, so that the project's `torch>=2.4` is already satisfied by the build chosen here
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fvlm demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/precompute.py
+	$(BIN)/python benchmarks/loader.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/listing.py
+
+clean:
+	rm -rf $(VENV) fvlm-demo .pytest_cache
