@@ -1,0 +1,120 @@
+"""Import a seed-format folder of `.pt` files (one per video) into a feature store.
+
+Each file holds {"dino_features": (T, N, D), "latents": (T, 4, 32, 32), "caption": str}, often in bfloat16.
+Files are loaded with `torch.load(weights_only=True)`, so a file can hold tensors and plain data, never code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from storage.store import FAILED, OK, ChunkRows, FeatureShapes, FeatureStore, StoreConfig, StoreError
+
+log = logging.getLogger(__name__)
+
+SEED_DINO = "facebook/dinov2-small"
+SEED_VAE = "stabilityai/sd-vae-ft-mse"
+
+
+class SeedFileError(ValueError):
+    """A .pt file that is not a usable seed sample; recorded as a failed row."""
+
+
+def load_seed_file(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """(T, N, D) features and (T, C, H, W) latents as float16, and the caption, of one seed file."""
+    try:
+        sample = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - the unpickler raises anything on a bad file; the import goes on
+        log.warning("cannot load %s: %s: %s", path, type(err).__name__, err)
+        raise SeedFileError(f"cannot load {path.name}: {type(err).__name__}: {str(err)[:200]}") from err
+    if not isinstance(sample, dict):
+        raise SeedFileError(f"{path.name} holds a {type(sample).__name__}, not a dict")
+    missing = [key for key in ("dino_features", "latents") if not torch.is_tensor(sample.get(key))]
+    if missing:
+        raise SeedFileError(f"{path.name} has no tensor {missing[0]!r}")
+    features, latents = sample["dino_features"], sample["latents"]
+    if features.ndim != 3 or latents.ndim != 4 or features.shape[0] != latents.shape[0]:
+        raise SeedFileError(f"{path.name}: dino_features {tuple(features.shape)} and latents "
+                            f"{tuple(latents.shape)} are not (T, N, D) and (T, C, H, W) with the same T")
+    caption = sample.get("caption", "")
+    return (features.to(torch.float16).numpy(), latents.to(torch.float16).numpy(),
+            caption if isinstance(caption, str) else str(caption))
+
+
+def _shapes_from(files: list[Path]) -> FeatureShapes:
+    for path in files:
+        try:
+            features, latents, _ = load_seed_file(path)
+        except SeedFileError:
+            continue
+        return FeatureShapes(frames=features.shape[0], tokens=features.shape[1], feature_dim=features.shape[2],
+                             latent_shape=tuple(latents.shape[1:]))
+    raise StoreError(f"none of the {len(files)} .pt files can be read: nothing to import")
+
+
+def import_pt_folder(folder: str | os.PathLike, store_path: str | os.PathLike, config: StoreConfig | None = None,
+                     dino_id: str = SEED_DINO, vae_id: str = SEED_VAE) -> dict[str, Any]:
+    """Convert every `*.pt` of a folder into a store; a rerun only does chunks that are not complete."""
+    folder, store_path = Path(folder), Path(store_path)
+    files = sorted(folder.glob("*.pt"))
+    if not files:
+        raise StoreError(f"no .pt files in {folder} (expected the seed's one-file-per-video folder)")
+    ids = [f.stem for f in files]
+    if FeatureStore.exists(store_path):
+        store = FeatureStore.open(store_path, mode="r+")
+        if [str(v) for v in store.read_column("video_id")] != ids:
+            raise StoreError(f"store {store_path} holds other videos than {folder}; import into a new store")
+    else:
+        shapes = _shapes_from(files)
+        attrs = {
+            "frame_size": None, "resize": "unknown (imported)", "encoder_preset": "full",
+            "dino": {"id": dino_id, "revision": None, "tokens": shapes.tokens, "dim": shapes.feature_dim},
+            "vae": {"id": vae_id, "revision": None, "scaling_factor": 0.18215,
+                    "latent_shape": list(shapes.latent_shape)},
+            "listing": {"manifest": str(folder), "source": "import-pt", "rows": len(files), "kept": len(files),
+                        "dropped": {}},
+        }
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{store_path.name}.creating-", dir=store_path.parent))
+        shutil.rmtree(staging)
+        FeatureStore.create(staging, ids, [""] * len(ids), [str(f.resolve()) for f in files],
+                            [float("nan")] * len(ids), attrs, config, shapes)
+        os.replace(staging, store_path)
+        store = FeatureStore.open(store_path, mode="r+")
+    for chunk in store.pending_chunks():
+        store.write_chunk(chunk, _read_chunk(store, files, chunk))
+    counts = store.counts()
+    log.info("imported %s into %s: %s", folder, store_path, counts)
+    return counts
+
+
+def _read_chunk(store: FeatureStore, files: list[Path], chunk: int) -> ChunkRows:
+    span = store.chunk_rows(chunk)
+    shapes = store.shapes
+    n = len(span)
+    rows = ChunkRows(
+        features=np.zeros((n, shapes.frames, shapes.tokens, shapes.feature_dim), np.float16),
+        latents=np.zeros((n, shapes.frames, *shapes.latent_shape), np.float16),
+        status=np.full(n, FAILED, np.uint8), error=[""] * n, caption=[""] * n,
+    )
+    expected = ((shapes.frames, shapes.tokens, shapes.feature_dim), (shapes.frames, *shapes.latent_shape))
+    for j, row in enumerate(span):
+        try:
+            features, latents, caption = load_seed_file(files[row])
+            if (features.shape, latents.shape) != expected:
+                raise SeedFileError(f"{files[row].name}: shapes {features.shape} / {latents.shape}, "
+                                    f"the store holds {expected[0]} / {expected[1]}")
+        except SeedFileError as err:
+            rows.error[j] = str(err)
+            continue
+        rows.features[j], rows.latents[j], rows.caption[j] = features, latents, caption
+        rows.status[j] = OK
+    return rows
