@@ -149,8 +149,11 @@ class FrameEncoder:
         # channels_last is several times faster for the VAE's convolutions on CPUs and tensor cores alike.
         self.dino = dino.eval().requires_grad_(False).to(self.device)
         self.vae = vae.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
-        if self.dtype != torch.float32:
-            self.dino, self.vae = self.dino.to(dtype=self.dtype), self.vae.to(dtype=self.dtype)
+        # Weights may be stored in any precision; compute in float16 on a GPU, float32 on a CPU.
+        if self.dino.dtype != self.dtype:
+            self.dino = self.dino.to(dtype=self.dtype)
+        if self.vae.dtype != self.dtype:
+            self.vae = self.vae.to(dtype=self.dtype)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.tokens = (config.frame_size // self.dino.config.patch_size) ** 2 + 1
         self.feature_dim = int(self.dino.config.hidden_size)
