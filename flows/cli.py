@@ -1,0 +1,153 @@
+"""`fvlm`: the command line. Each command runs the Prefect flow of the same name with the same parameters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("fvlm")
+
+
+def _add_precompute(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("precompute", help="list, filter, decode and encode videos into a feature store")
+    p.add_argument("--manifest", required=True, help="CSV / Parquet / JSON-lines manifest, or a folder of videos")
+    p.add_argument("--store", required=True, help="feature store path (a Zarr group; created if absent)")
+    p.add_argument("--preset", choices=["demo", "full"], default="full",
+                   help="full: real DINOv2 + SD-VAE weights; demo: tiny random encoders (CPU, no network)")
+    p.add_argument("--min-duration", type=float, default=20.0, help="shortest kept video, seconds (inclusive)")
+    p.add_argument("--max-duration", type=float, default=60.0, help="longest kept video, seconds (inclusive)")
+    p.add_argument("--limit", type=int, default=None, help="keep at most N videos")
+    p.add_argument("--dino", default=None, help="DINOv2 hub id or local folder (full preset)")
+    p.add_argument("--vae", default=None, help="SD-VAE hub id or local folder (full preset)")
+    p.add_argument("--device", default="auto", help="encoder device: auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--decode-workers", type=int, default=None, help="decoder processes (default 2)")
+    p.add_argument("--decode-timeout", type=float, default=None, help="seconds before a stuck video is given up")
+    p.add_argument("--chunk-videos", type=int, default=None, help="videos per store chunk (new stores only)")
+    p.add_argument("--batch-frames", type=int, default=None, help="frames per encoder call")
+
+
+def _add_store(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help="inspect or import feature stores")
+    store_sub = p.add_subparsers(dest="store_command", required=True)
+    info = store_sub.add_parser("info", help="counts, failures, listing summary, sizes, attributes")
+    info.add_argument("store")
+    info.add_argument("--json", action="store_true", help="print the report as JSON")
+    imp = store_sub.add_parser("import-pt", help="convert a seed-format folder of .pt files into a store")
+    imp.add_argument("folder")
+    imp.add_argument("store")
+    imp.add_argument("--chunk-videos", type=int, default=8, help="videos per store chunk")
+    imp.add_argument("--dino-id", default="facebook/dinov2-small", help="encoder the .pt files came from")
+    imp.add_argument("--vae-id", default="stabilityai/sd-vae-ft-mse", help="VAE the .pt files came from")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fvlm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_precompute(sub)
+    _add_store(sub)
+    from flows.cli_train import add_demo_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_demo_parser(sub)
+    return parser
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    from flows.precompute import precompute_flow
+    from model.encoders import EncoderConfig
+    from storage.store import StoreConfig
+    from tasks.decode import DecodeConfig
+    from tasks.listing import ListingConfig
+
+    encoder = EncoderConfig(preset=args.preset, **_given(dino=args.dino, vae=args.vae, batch_frames=args.batch_frames))
+    listing = ListingConfig(min_duration_s=args.min_duration, max_duration_s=args.max_duration, limit=args.limit)
+    decode = DecodeConfig(**_given(workers=args.decode_workers, timeout_s=args.decode_timeout))
+    layout = StoreConfig(**_given(chunk_videos=args.chunk_videos))
+    info = precompute_flow(manifest=args.manifest, store=args.store, encoder=encoder, listing=listing,
+                           decode=decode, layout=layout, device=args.device)
+    print(format_store_summary(info))
+    return 0 if info["pending"] == 0 else 1
+
+
+def run_store(args: argparse.Namespace) -> int:
+    from storage.store import FeatureStore, StoreConfig
+
+    if args.store_command == "info":
+        info = FeatureStore.open(args.store).info()
+        print(json.dumps(info, indent=2, default=str) if args.json else format_store_info(info))
+        return 0
+    from storage.import_pt import import_pt_folder
+
+    counts = import_pt_folder(args.folder, args.store, StoreConfig(chunk_videos=args.chunk_videos),
+                              dino_id=args.dino_id, vae_id=args.vae_id)
+    print(f"imported {args.folder} -> {args.store}: {counts['ok']} ok, {counts['failed']} failed")
+    return 0
+
+
+def format_store_summary(info: dict[str, Any]) -> str:
+    listing = info.get("listing", {})
+    dropped = {k: v for k, v in listing.get("dropped", {}).items() if v}
+    lines = [
+        f"store      {info['path']}",
+        f"listed     {listing.get('rows')} rows, kept {listing.get('kept')}, dropped {sum(dropped.values())} {dropped}",
+        f"videos     {info['ok']} ok, {info['failed']} failed, {info['pending']} pending",
+    ]
+    lines += [f"  failed   {n} x {reason}" for reason, n in info["failed_by_reason"].items()]
+    return "\n".join(lines)
+
+
+def format_store_info(info: dict[str, Any]) -> str:
+    sizes = info["sizes"]
+    attrs = info["attributes"]
+    lines = [
+        format_store_summary(info),
+        f"chunks     {info['chunks']} of {info['chunk_videos']} videos",
+        f"disk       {_human(sizes['disk_bytes'])} ({_human(sizes['disk_bytes_per_ok_video'])} per ok video)",
+        f"encoders   dino {attrs.get('dino', {}).get('id')}, vae {attrs.get('vae', {}).get('id')}",
+        f"frames     {attrs.get('frames')} x {attrs.get('frame_size')} px",
+    ]
+    return "\n".join(lines)
+
+
+def _human(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """The options the user gave (None = keep the config's default)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # httpx logs every request at INFO, full URLs (with any query-string token) included.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from storage.store import StoreError
+    from tasks.listing import ManifestError
+
+    handlers = {"precompute": run_precompute, "store": run_store}
+    from flows.cli_train import run_demo, run_train
+
+    handlers.update(train=run_train, demo=run_demo)
+    try:
+        return handlers[args.command](args)
+    except (StoreError, ManifestError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

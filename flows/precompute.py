@@ -1,0 +1,99 @@
+"""Precompute flows: list videos, create the store, fill its chunks (here or on worker deployments), report."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from pydantic import BaseModel, Field
+
+from model.encoders import EncoderConfig
+from storage.store import StoreConfig
+from tasks.decode import DecodeConfig
+from tasks.listing import ListingConfig, list_videos_task
+from tasks.precompute import (
+    PrecomputeConfig,
+    encode_chunks_task,
+    prepare_store_task,
+    report_store_task,
+    split_chunks,
+    store_counts,
+)
+
+
+class ScaleOut(BaseModel):
+    """Hand chunk-aligned row ranges of the store to runs of a worker deployment (several GPUs or hosts)."""
+
+    workers: int = Field(1, ge=1, le=256, description="parallel runs; 1 fills the store in this run")
+    deployment: str = Field(
+        "precompute-chunks/precompute-chunks",
+        description="'flow/deployment' name of the worker deployment that fills a range of chunks",
+    )
+    timeout_hours: float = Field(48.0, gt=0, description="how long to wait for the worker runs")
+
+
+@flow(name="precompute-chunks", log_prints=False)
+def precompute_chunks_flow(store: str, chunks: list[int], config: PrecomputeConfig = PrecomputeConfig()) -> dict:
+    """Fill the given chunks of an existing store (the worker side of a scaled-out precompute)."""
+    return encode_chunks_task(store, chunks, config)
+
+
+@flow(name="precompute", log_prints=False)
+def precompute_flow(
+    manifest: str,
+    store: str,
+    encoder: EncoderConfig = EncoderConfig(),
+    listing: ListingConfig = ListingConfig(),
+    decode: DecodeConfig = DecodeConfig(),
+    layout: StoreConfig = StoreConfig(),
+    device: str = "auto",
+    scale_out: ScaleOut = ScaleOut(),
+) -> dict[str, Any]:
+    """Manifest -> 20-60 s filter -> decoded frames -> DINOv2 + VAE features -> chunked Zarr store."""
+    config = PrecomputeConfig(encoder=encoder, decode=decode, layout=layout, device=device)
+    listed = list_videos_task(manifest, listing)
+    pending = prepare_store_task(store, listed, config)
+    if scale_out.workers > 1 and len(pending) > 1:
+        reports = run_workers(store, pending, config, scale_out)
+    elif pending:
+        reports = [encode_chunks_task(store, pending, config)]
+    else:
+        get_run_logger().info("store %s is complete: nothing to do", store)
+        reports = []
+    return report_store_task(store, reports)
+
+
+def run_workers(store: str, pending: list[int], config: PrecomputeConfig, scale_out: ScaleOut) -> list[dict]:
+    """Start one worker run per range of chunks, wait for all, and fail if any of them failed."""
+    logger = get_run_logger()
+    started = time.monotonic()
+    before = store_counts(store)
+    runs = []
+    for part in split_chunks(pending, scale_out.workers):
+        run = run_deployment(
+            scale_out.deployment,
+            parameters={"store": store, "chunks": part, "config": config.model_dump(mode="json")},
+            timeout=0, as_subflow=True,
+        )
+        logger.info("chunks %d-%d of %s -> flow run %s", part[0], part[-1], store, run.name)
+        runs.append(run)
+    deadline = started + scale_out.timeout_hours * 3600
+    with get_client(sync_client=True) as client:
+        waiting = {run.id: run for run in runs}
+        while waiting:
+            for run_id in list(waiting):
+                state = client.read_flow_run(run_id).state
+                if state is not None and state.is_final():
+                    if not state.is_completed():
+                        raise RuntimeError(f"worker run {waiting[run_id].name} ended {state.type.value}: "
+                                           f"{state.message}; rerun the flow to finish the missing chunks")
+                    del waiting[run_id]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(waiting)} worker runs still running after {scale_out.timeout_hours} h")
+            time.sleep(2 if waiting else 0)
+    after = store_counts(store)
+    return [{"videos_ok": after["ok"] - before["ok"], "videos_failed": after["failed"] - before["failed"],
+             "seconds": time.monotonic() - started, "workers": len(runs)}]
