@@ -1,0 +1,85 @@
+"""The training chain: timed chunks that resubmit themselves from the latest checkpoint until the ratio converges.
+
+Run from a deployment, a chunk that does not stop submits the next chunk as a new flow run of its own
+deployment (the deployment's concurrency limit of 1 queues it behind this one) and returns. Run from the
+command line, the same flow loops in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, runtime
+from prefect.deployments import run_deployment
+
+from tasks.chain import decide_task, report_chunks_task, train_chunk_task
+from tasks.convergence import ConvergenceConfig
+from tasks.training import TrainConfig
+
+
+def demo_convergence() -> ConvergenceConfig:
+    """The demo decides within minutes: few steps, a short window, a looser tolerance."""
+    return ConvergenceConfig(min_steps=150, window=3, tolerance_pct=2.0, max_chunks=8)
+
+
+def chunk_key(run_dir: str, chunk: int) -> str:
+    """Idempotency key of a chunk's flow run: the run folder and the chunk number, so a chunk is never
+    submitted twice even if the submitting run is retried."""
+    folder = Path(run_dir).expanduser().resolve()
+    return f"{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}-chunk-{chunk}"
+
+
+def resolve_configs(preset: Literal["demo", "full"], train: TrainConfig | None,
+                    convergence: ConvergenceConfig | None, max_minutes: float | None,
+                    max_chunks: int | None) -> tuple[TrainConfig, ConvergenceConfig]:
+    """The preset's defaults, the given configs over them, then the two budget flags over those."""
+    config = train or TrainConfig.preset_config(preset)
+    if max_minutes is not None:
+        config = config.model_copy(update={"max_minutes": max_minutes})
+    rule = convergence or (demo_convergence() if preset == "demo" else ConvergenceConfig())
+    if max_chunks is not None:
+        rule = rule.model_copy(update={"max_chunks": max_chunks})
+    return config, rule
+
+
+@flow(name="train", log_prints=False)
+def train_flow(
+    store: str,
+    run_dir: str,
+    preset: Literal["demo", "full"] = "full",
+    max_minutes: float | None = None,
+    max_chunks: int | None = None,
+    resume: str | None = None,
+    train: TrainConfig | None = None,
+    convergence: ConvergenceConfig | None = None,
+) -> dict[str, Any]:
+    """Train timed chunks from the latest checkpoint in run_dir until the held-out ratio converges."""
+    logger = get_run_logger()
+    config, rule = resolve_configs(preset, train, convergence, max_minutes, max_chunks)
+    decision = decide_task(run_dir, rule)
+    if decision["done"]:  # e.g. the nightly schedule after convergence: record it and do nothing
+        logger.info("run %s is already done (%s): nothing to train", run_dir, decision["reason"])
+        report_chunks_task(run_dir, decision, config)
+        return {**decision, "already_done": True}
+    while True:
+        result = train_chunk_task(store, run_dir, config, resume)
+        resume = None
+        decision = decide_task(run_dir, rule)
+        report_chunks_task(run_dir, decision, config)
+        if decision["done"]:
+            return {**decision, "last_chunk": result}
+        if runtime.deployment.id is not None:
+            submit_next_chunk(run_dir, decision["chunks_done"] + 1)
+            return {**decision, "last_chunk": result, "next_chunk_submitted": True}
+
+
+def submit_next_chunk(run_dir: str, chunk: int) -> None:
+    """A new flow run of this deployment with the same parameters; it waits behind this run (limit 1)."""
+    name = f"{runtime.flow_run.flow_name}/{runtime.deployment.name}"
+    parameters = dict(runtime.flow_run.parameters)
+    parameters["resume"] = None
+    run = run_deployment(name=name, parameters=parameters, timeout=0, as_subflow=False,
+                         idempotency_key=chunk_key(run_dir, chunk))
+    get_run_logger().info("submitted chunk %d of %s as flow run %s", chunk, run_dir, run.name)

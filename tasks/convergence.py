@@ -1,0 +1,121 @@
+"""Has the held-out ratio converged? A pure function of the run's history, recorded in RUN_DIR/state.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+STATE = "state.json"
+
+
+class ConvergenceConfig(BaseModel):
+    """When the chain of chunks stops: the ratio has settled, or a budget is spent."""
+
+    min_steps: int = Field(2_000, ge=0, description="no decision before the run has trained this many steps")
+    window: int = Field(4, ge=2, description="evaluations (one per chunk) the change is measured over")
+    tolerance_pct: float = Field(0.5, gt=0, description="converged when the held-out ratio moves less than "
+                                                        "this many percent over the window")
+    max_chunks: int | None = Field(12, ge=1, description="stop after this many chunks in the run folder")
+    max_total_steps: int | None = Field(None, ge=1, description="stop once the run has trained this many steps")
+    max_hours: float | None = Field(None, gt=0, description="stop once the chunks have trained this many hours")
+
+    @model_validator(mode="after")
+    def _needs_a_limit(self) -> "ConvergenceConfig":
+        if self.max_chunks is None and self.max_total_steps is None and self.max_hours is None:
+            raise ValueError("set at least one budget (max_chunks, max_total_steps or max_hours): "
+                             "a ratio that never settles would otherwise train forever")
+        return self
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after a chunk, and why."""
+
+    done: bool  # stop the chain
+    converged: bool  # stopped because the ratio settled (not because a budget ran out)
+    reason: str
+    chunks_done: int
+    step: int
+    ratio: float | None
+    improvement_pct: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ratio_change_pct(ratios: list[float]) -> float:
+    """Spread of the ratios relative to their mean, in percent: max - min over |mean|."""
+    mean = sum(ratios) / len(ratios)
+    return (max(ratios) - min(ratios)) / abs(mean) * 100.0 if mean else math.inf
+
+
+def decide(history: list[dict[str, Any]], config: ConvergenceConfig) -> Decision:
+    """Decide from the history (one record per chunk: step, ratio, improvement_pct, seconds)."""
+    chunks = len(history)
+    last = history[-1] if history else {}
+    step = int(last.get("step", 0))
+    ratio = last.get("ratio")
+    improvement = last.get("improvement_pct")
+
+    def decision(done: bool, converged: bool, reason: str) -> Decision:
+        return Decision(done, converged, reason, chunks, step, ratio, improvement)
+
+    if not history:
+        return decision(False, False, "no evaluation yet")
+    settled = _settled(history, config)
+    if settled is not None and settled[0]:
+        return decision(True, True, settled[1])
+    if config.max_chunks is not None and chunks >= config.max_chunks:
+        return decision(True, False, f"budget: {chunks} chunks")
+    if config.max_total_steps is not None and step >= config.max_total_steps:
+        return decision(True, False, f"budget: {step} steps")
+    hours = sum(float(h.get("seconds", 0.0)) for h in history) / 3600.0
+    if config.max_hours is not None and hours >= config.max_hours:
+        return decision(True, False, f"budget: {hours:.2f} h of training")
+    if last.get("stopped_by") == "total_steps":
+        return decision(True, False, f"budget: the schedule's {step} total steps are trained")
+    if settled is not None:
+        return decision(False, False, settled[1])
+    if step < config.min_steps:
+        return decision(False, False, f"only {step} steps < min_steps {config.min_steps}")
+    return decision(False, False, f"{chunks} evaluations < window {config.window}")
+
+
+def _settled(history: list[dict[str, Any]], config: ConvergenceConfig) -> tuple[bool, str] | None:
+    """(converged?, reason) once a decision can be made, else None."""
+    if int(history[-1].get("step", 0)) < config.min_steps or len(history) < config.window:
+        return None
+    ratios = [h.get("ratio") for h in history[-config.window:]]
+    if any(r is None or not math.isfinite(r) for r in ratios):
+        return False, f"the ratio is not finite in the last {config.window} evaluations"
+    change = ratio_change_pct(ratios)
+    if change < config.tolerance_pct:
+        return True, (f"ratio changed {change:.2f} % over the last {config.window} evaluations "
+                      f"< {config.tolerance_pct} %")
+    return False, (f"ratio changed {change:.2f} % over the last {config.window} evaluations "
+                   f">= {config.tolerance_pct} %")
+
+
+def read_state(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / STATE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_state(run_dir: str | Path, decision: Decision, **extra: Any) -> dict[str, Any]:
+    """state.json: chunks_done, converged, reason, last ratio and improvement_pct (atomically replaced)."""
+    state = {**decision.as_dict(), **extra, "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=run_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(tmp, run_dir / STATE)
+    return state
