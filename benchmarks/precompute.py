@@ -1,0 +1,145 @@
+"""Videos/s of the precompute pipeline against a seed-style baseline, on the same videos and encoders.
+
+Baseline (what the seed's precompute script does, one video at a time): ffmpeg extracts 24 frames of the video
+to JPEG files, PIL loads them, resizes the short side to 256 and centre-crops, the encoders run on the 24
+frames, and the result is saved as one .pt file per video.
+
+Ours: the precompute pipeline (listing, store creation, decode worker processes, frames of several videos per
+encoder batch, decoding of the next chunk overlapping the encoding of this one, chunked Zarr writes).
+
+Prints human lines and, last, one JSON line {"ours": .., "baseline": .., "ratio": ..}.
+
+    python benchmarks/precompute.py                      # CPU, demo encoders
+    python benchmarks/precompute.py --device cuda --preset full --dino DIR --vae DIR   # on a GPU host
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.encoders import EncoderConfig, FrameEncoder  # noqa: E402
+from storage.store import StoreConfig  # noqa: E402
+from tasks.decode import DecodeConfig  # noqa: E402
+from tasks.listing import ListingConfig, list_videos  # noqa: E402
+from tasks.precompute import PrecomputeConfig, encode_chunks, prepare_store  # noqa: E402
+
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def make_videos(folder: Path, count: int, size: str, fps: int, seed: int) -> Path:
+    """Web-like H.264 videos of 20-60 s (ffmpeg's own test sources, so generation is quick); a manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    sources = ["testsrc2", "smptehdbars", "mandelbrot", "life"]
+    for i in range(count):
+        seconds = int(rng.integers(20, 61))
+        path = folder / f"bench{i:03d}.mp4"
+        if not path.exists():
+            source = sources[i % len(sources)]
+            subprocess.run([FFMPEG, "-v", "error", "-y", "-f", "lavfi", "-i", f"{source}=size={size}:rate={fps}",
+                            "-t", str(seconds), "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+                            str(path)], check=True)
+        rows.append({"videoid": path.stem, "contentUrl": path.name, "duration": seconds, "name": f"test {i}"})
+    manifest = folder / "manifest.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def resize_crop(image: Image.Image, size: int) -> np.ndarray:
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def baseline(videos: list[tuple[str, float]], encoder: FrameEncoder, out: Path, frames: int = 24) -> float:
+    """Seed-style: per video, ffmpeg -> JPEG files -> PIL -> encoders -> one .pt file. Returns seconds."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for path, duration in videos:
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([FFMPEG, "-v", "error", "-i", path, "-vf", f"fps={frames / duration:.6f}",
+                            "-frames:v", str(frames), "-q:v", "2", f"{tmp}/%03d.jpg"], check=True)
+            images = [resize_crop(Image.open(p).convert("RGB"), 256) for p in sorted(Path(tmp).glob("*.jpg"))]
+        batch = np.stack(images)
+        features, latents = encoder.encode(batch)
+        torch.save({"dino_features": torch.from_numpy(features).to(torch.bfloat16),
+                    "latents": torch.from_numpy(latents).to(torch.bfloat16), "caption": Path(path).stem},
+                   out / f"{Path(path).stem}.pt")
+    return time.perf_counter() - started
+
+
+def ours(manifest: Path, store: Path, config: PrecomputeConfig) -> tuple[float, dict]:
+    """The pipeline from the manifest to a committed store. Returns seconds and the encode report."""
+    started = time.perf_counter()
+    listing = list_videos(manifest, ListingConfig())
+    prepared = prepare_store(str(store), listing, config)
+    report = encode_chunks(str(store), prepared.pending_chunks(), config)
+    return time.perf_counter() - started, report.as_dict()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # WebVid-10M's clips (the seed's data) are 596 x 336 previews at 25-30 fps.
+    parser.add_argument("--videos", type=int, default=24)
+    parser.add_argument("--size", default="596x336", help="video size (W x H)")
+    parser.add_argument("--fps", type=int, default=25)
+    parser.add_argument("--preset", choices=["demo", "full"], default="demo")
+    parser.add_argument("--dino", default=None, help="DINOv2 hub id or folder (full preset)")
+    parser.add_argument("--vae", default=None, help="VAE hub id or folder (full preset)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decode-workers", type=int, default=2)
+    parser.add_argument("--chunk-videos", type=int, default=8)
+    parser.add_argument("--workdir", default=None, help="keep videos here between runs (default: a temp dir)")
+    args = parser.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fvlm-bench-"))
+    manifest = make_videos(work / "videos", args.videos, args.size, args.fps, seed=0)
+    listing = list_videos(manifest, ListingConfig())
+    videos = list(zip(listing.videos["source"], listing.videos["duration_s"]))
+    extra = {k: v for k, v in {"dino": args.dino, "vae": args.vae}.items() if v}
+    encoder_config = EncoderConfig(preset=args.preset, **extra)
+    config = PrecomputeConfig(encoder=encoder_config, decode=DecodeConfig(workers=args.decode_workers),
+                              layout=StoreConfig(chunk_videos=args.chunk_videos), device=args.device)
+    print(f"{len(videos)} videos of {args.size} at {args.fps} fps, {args.preset} encoders on {args.device}, "
+          f"{torch.get_num_threads()} torch threads, {args.decode_workers} decode workers")
+
+    encoder = FrameEncoder(encoder_config, args.device)
+    encoder.encode(np.zeros((24, 256, 256, 3), np.uint8))  # warm up kernels for both
+    for path in work.glob("run-*"):
+        shutil.rmtree(path)
+    base_s = baseline(videos, encoder, work / "run-baseline-pt")
+    del encoder
+    ours_s, report = ours(manifest, work / "run-ours.zarr", config)
+    base_vps, ours_vps = len(videos) / base_s, len(videos) / ours_s
+    print(f"baseline  {base_s:7.2f} s  {base_vps:6.2f} videos/s  (ffmpeg -> JPEG -> PIL, one video at a time)")
+    print(f"ours      {ours_s:7.2f} s  {ours_vps:6.2f} videos/s  ({report['videos_ok']} ok, "
+          f"{report['videos_failed']} failed)")
+    print(json.dumps({"ours": round(ours_vps, 3), "baseline": round(base_vps, 3),
+                      "ratio": round(ours_vps / base_vps, 3), "videos": len(videos), "device": args.device,
+                      "preset": args.preset}))
+
+
+if __name__ == "__main__":
+    main()
