@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
@@ -25,7 +26,7 @@ from pydantic import BaseModel, Field
 from model.encoders import EncoderConfig, FrameEncoder, describe_encoders
 from storage.store import FAILED, OK, PENDING, ChunkRows, FeatureShapes, FeatureStore, StoreConfig, StoreError
 from tasks.decode import DecodeConfig, DecodePool
-from tasks.download import DownloadError, PermanentDownloadError, fetch, is_remote
+from tasks.download import DownloadError, PermanentDownloadError, fetch, is_remote, redact_url
 from tasks.listing import Listing
 from tasks.runtime import resolve_device
 
@@ -170,25 +171,37 @@ class ChunkPipeline:
     def run(self, chunks: list[int], on_chunk: Callable[[int, EncodeReport], None] | None = None) -> EncodeReport:
         report = EncodeReport()
         started = time.perf_counter()
-        encoder = FrameEncoder(self.config.encoder, resolve_device(self.config.device))
-        with DecodePool(self.config.decode) as pool:
-            ahead: deque[_ScheduledChunk] = deque()
-            upcoming = iter(chunks)
-            for chunk in upcoming:
-                ahead.append(self._schedule(pool, chunk))
-                if len(ahead) >= self.config.prefetch_chunks:
-                    break
-            while ahead:
-                current = ahead.popleft()
-                next_chunk = next(upcoming, None)
-                if next_chunk is not None:  # keep the decoders busy while this chunk is encoded
-                    ahead.append(self._schedule(pool, next_chunk))
-                self._finish(pool, encoder, current, report)
-                report.seconds = time.perf_counter() - started
-                if on_chunk is not None:
-                    on_chunk(current.chunk, report)
+        device = resolve_device(self.config.device)
+        encoder = FrameEncoder(self.config.encoder, device)
+        threads = torch.get_num_threads()
+        if device == "cpu":
+            # The decode workers need the cores too: OpenMP threads that outnumber free cores spin and stall.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - self.config.decode.workers))
+        try:
+            with DecodePool(self.config.decode) as pool:
+                self._run(pool, encoder, chunks, report, started, on_chunk)
+        finally:
+            torch.set_num_threads(threads)
         report.seconds = time.perf_counter() - started
         return report
+
+    def _run(self, pool: DecodePool, encoder: FrameEncoder, chunks: list[int], report: EncodeReport,
+             started: float, on_chunk: Callable[[int, EncodeReport], None] | None) -> None:
+        ahead: deque[_ScheduledChunk] = deque()
+        upcoming = iter(chunks)
+        for chunk in upcoming:
+            ahead.append(self._schedule(pool, chunk))
+            if len(ahead) >= self.config.prefetch_chunks:
+                break
+        while ahead:
+            current = ahead.popleft()
+            next_chunk = next(upcoming, None)
+            if next_chunk is not None:  # keep the decoders busy while this chunk is encoded
+                ahead.append(self._schedule(pool, next_chunk))
+            self._finish(pool, encoder, current, report)
+            report.seconds = time.perf_counter() - started
+            if on_chunk is not None:
+                on_chunk(current.chunk, report)
 
     def _schedule(self, pool: DecodePool, chunk: int) -> _ScheduledChunk:
         span = self.store.chunk_rows(chunk)
@@ -239,7 +252,7 @@ class ChunkPipeline:
         for reason in errors.values():
             report.failed_by_reason[reason] = report.failed_by_reason.get(reason, 0) + 1
         for r, reason in sorted(errors.items()):
-            log.warning("row %d (%s) failed: %s", r, self.sources[r], reason)
+            log.warning("row %d (%s) failed: %s", r, redact_url(str(self.sources[r])), reason)
 
     def _chunk_rows(self, item: _ScheduledChunk, decoded: dict[int, np.ndarray], errors: dict[int, str],
                     encoder: FrameEncoder) -> ChunkRows:
