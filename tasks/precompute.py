@@ -28,7 +28,7 @@ from storage.store import FAILED, OK, PENDING, ChunkRows, FeatureShapes, Feature
 from tasks.decode import DecodeConfig, DecodePool
 from tasks.download import DownloadError, PermanentDownloadError, fetch, is_remote, redact_url
 from tasks.listing import Listing
-from tasks.runtime import resolve_device
+from tasks.runtime import progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +177,15 @@ class ChunkPipeline:
         if device == "cpu":
             # The decode workers need the cores too: OpenMP threads that outnumber free cores spin and stall.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - self.config.decode.workers))
+        todo = sum(int((self.status[self.store.chunk_rows(c).start:self.store.chunk_rows(c).stop] != OK).sum())
+                   for c in chunks)
+        self.bar = progress_bar(total=todo, unit="video", desc="precompute")
         try:
             with DecodePool(self.config.decode) as pool:
                 self._run(pool, encoder, chunks, report, started, on_chunk)
         finally:
             torch.set_num_threads(threads)
+            self.bar.close()
         report.seconds = time.perf_counter() - started
         return report
 
@@ -246,6 +250,7 @@ class ChunkPipeline:
         if not self.config.keep_downloads:
             for path in item.downloads:
                 Path(path).unlink(missing_ok=True)
+        self.bar.update(len(item.rows))
         report.chunks += 1
         report.videos_ok += len(decoded)
         report.videos_failed += len(errors)

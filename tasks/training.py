@@ -28,7 +28,7 @@ from storage.loader import LoaderConfig, LoaderPosition, eval_batches, make_trai
 from storage.runlock import RunLock
 from storage.store import FeatureStore
 from tasks.attention import save_attention_pictures
-from tasks.runtime import resolve_device
+from tasks.runtime import progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +357,13 @@ def _train_steps(trainer: Trainer, store_path: str, train_rows, checkpoints: Che
     window = MetricWindow(device)
     trainer.model.train()
     batches: Iterator[dict[str, Any]] = iter(loader)
+    with progress_bar(total=int(budget_s), unit="s", desc=f"training from step {trainer.step}") as bar:
+        return _loop(trainer, batches, checkpoints, sink, window, started, budget_s, chunk_end, bar)
+
+
+def _loop(trainer: Trainer, batches: Iterator[dict[str, Any]], checkpoints: CheckpointStore, sink: "MetricsSink",
+          window: MetricWindow, started: float, budget_s: float, chunk_end: int | None, bar: Any) -> str:
+    config, device = trainer.config, trainer.device
     while True:
         batch = next(batches)
         features = batch["features"].to(device, non_blocking=True)  # (B, T, N, D) float16, cast on the device
@@ -377,7 +384,9 @@ def _train_steps(trainer: Trainer, store_path: str, train_rows, checkpoints: Che
         window.add(metrics, features.shape[0])
         if trainer.step % config.log_every == 0:
             sink.log_train(window.summary(), trainer.scheduler.get_last_lr()[0], trainer.step)
+            bar.set_postfix(step=trainer.step, ratio=f"{sink.last_train['ratio']:.3f}", refresh=False)
             window.reset()
+        bar.update(min(int(time.monotonic() - started), bar.total) - bar.n)
         if trainer.step % config.checkpoint_every == 0:
             checkpoints.save(trainer.state(), trainer.step)
         if trainer.step >= config.total_steps:
