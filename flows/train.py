@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, runtime
 from prefect.deployments import run_deployment
+from pydantic import Field
 
 from tasks.chain import decide_task, report_chunks_task, train_chunk_task
 from tasks.convergence import ConvergenceConfig
@@ -49,13 +50,24 @@ def train_flow(
     store: str,
     run_dir: str,
     preset: Literal["demo", "full"] = "full",
-    max_minutes: float | None = None,
-    max_chunks: int | None = None,
+    max_minutes: Annotated[float | None, Field(gt=0)] = None,
+    max_chunks: Annotated[int | None, Field(ge=1)] = None,
     resume: str | None = None,
     train: TrainConfig | None = None,
     convergence: ConvergenceConfig | None = None,
 ) -> dict[str, Any]:
-    """Train timed chunks from the latest checkpoint in run_dir until the held-out ratio converges."""
+    """Train timed chunks from the latest checkpoint in run_dir until the held-out ratio converges.
+
+    Args:
+        store: feature store made by the precompute flow (path or fsspec URL reachable from the worker)
+        run_dir: run folder: checkpoints, history.jsonl, state.json, attention pictures, wandb files
+        preset: full: the seed recipe with SmolLM2-135M; demo: a tiny model that trains on a CPU
+        max_minutes: wall-clock budget of one chunk (default: the preset's, 120 for full)
+        max_chunks: stop once the run folder has this many chunks, earlier runs included (default: 12)
+        resume: start the first chunk from this checkpoint file instead of the folder's latest
+        train: the whole training config (default: the preset's); max_minutes overrides its budget
+        convergence: when the chain stops (default: the preset's); max_chunks overrides its chunk budget
+    """
     logger = get_run_logger()
     config, rule = resolve_configs(preset, train, convergence, max_minutes, max_chunks)
     decision = decide_task(run_dir, rule)
