@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 log = logging.getLogger("fvlm")
+PROGRESS_ENV = "FVLM_PROGRESS"  # read by tasks.runtime.progress_bar
 
 
 def _add_precompute(sub: argparse._SubParsersAction) -> None:
@@ -44,12 +46,25 @@ def _add_store(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--vae-id", default="stabilityai/sd-vae-ft-mse", help="VAE the .pt files came from")
 
 
+def _add_prefect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prefect", help="set up the Prefect server for GPU hosts")
+    prefect_sub = p.add_subparsers(dest="prefect_command", required=True)
+    setup = prefect_sub.add_parser("setup", help="process work pool, one work queue per GPU, zombie-run automation "
+                                                 "(idempotent; uses PREFECT_API_URL)")
+    setup.add_argument("--gpus", type=int, default=1, help="GPUs per host: work queues gpu-0 .. gpu-(N-1)")
+    setup.add_argument("--pool", default="fvlm-gpu", help="work pool name (prefect.yaml deploys to fvlm-gpu)")
+    setup.add_argument("--heartbeat-seconds", type=int, default=30, help="flow-run heartbeat period of the pool")
+    setup.add_argument("--zombie-after", type=int, default=90,
+                       help="seconds without a heartbeat before a running flow run is marked Crashed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fvlm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_precompute(sub)
     _add_store(sub)
+    _add_prefect(sub)
     from flows.cli_train import add_demo_parser, add_train_parser
 
     add_train_parser(sub)
@@ -86,6 +101,21 @@ def run_store(args: argparse.Namespace) -> int:
     counts = import_pt_folder(args.folder, args.store, StoreConfig(chunk_videos=args.chunk_videos),
                               dino_id=args.dino_id, vae_id=args.vae_id)
     print(f"imported {args.folder} -> {args.store}: {counts['ok']} ok, {counts['failed']} failed")
+    return 0
+
+
+def run_prefect(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from flows.infra import InfraConfig, PrefectSetupError, format_setup, setup_prefect
+
+    try:
+        config = InfraConfig(pool=args.pool, gpus=args.gpus, heartbeat_seconds=args.heartbeat_seconds,
+                             zombie_after_seconds=args.zombie_after)
+        print(format_setup(setup_prefect(config)))
+    except (ValidationError, PrefectSetupError) as err:
+        log.error("%s", err)
+        return 2
     return 0
 
 
@@ -133,12 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault(PROGRESS_ENV, "1")  # progress bars on a terminal; flows run elsewhere stay quiet
     # httpx logs every request at INFO, full URLs (with any query-string token) included.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from storage.store import StoreError
     from tasks.listing import ManifestError
 
-    handlers = {"precompute": run_precompute, "store": run_store}
+    handlers = {"precompute": run_precompute, "store": run_store, "prefect": run_prefect}
     from flows.cli_train import run_demo, run_train
 
     handlers.update(train=run_train, demo=run_demo)

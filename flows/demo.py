@@ -27,7 +27,15 @@ def make_demo_videos_task(folder: str, videos: int, seed: int) -> str:
 @flow(name="demo", log_prints=False)
 def demo_flow(workdir: str = "fvlm-demo", videos: int = 48, max_minutes: float = 0.75, max_chunks: int = 8,
               seed: int = 0) -> dict[str, Any]:
-    """The whole pipeline on embedded defaults: no weights, no network, a CPU."""
+    """The whole pipeline on embedded defaults: no weights, no network, a CPU.
+
+    Args:
+        workdir: folder of the sample videos, the store and the run folder (relative: to the project folder)
+        videos: sample videos to generate
+        max_minutes: wall-clock budget of each training chunk
+        max_chunks: most training chunks
+        seed: seed of the sample videos and of the demo encoders
+    """
     root = Path(workdir)
     manifest = make_demo_videos_task(str(root / "videos"), videos, seed)
     store = str(root / "features.zarr")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -10,6 +11,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field
 
+from flows.infra import gpu_job_variables, gpu_queue
 from model.encoders import EncoderConfig
 from storage.store import StoreConfig
 from tasks.decode import DecodeConfig
@@ -33,11 +35,22 @@ class ScaleOut(BaseModel):
         description="'flow/deployment' name of the worker deployment that fills a range of chunks",
     )
     timeout_hours: float = Field(48.0, gt=0, description="how long to wait for the worker runs")
+    gpus: int = Field(
+        0, ge=0, le=64,
+        description="spread the worker runs over the GPU work queues: run k goes to queue gpu-(k mod gpus) with "
+                    "CUDA_VISIBLE_DEVICES=k mod gpus (see `fvlm prefect setup`); 0: the worker deployment's queue",
+    )
 
 
 @flow(name="precompute-chunks", log_prints=False)
 def precompute_chunks_flow(store: str, chunks: list[int], config: PrecomputeConfig = PrecomputeConfig()) -> dict:
-    """Fill the given chunks of an existing store (the worker side of a scaled-out precompute)."""
+    """Fill the given chunks of an existing store (the worker side of a scaled-out precompute).
+
+    Args:
+        store: path or fsspec URL of a store made by the precompute flow, reachable from this worker
+        chunks: store chunks this run owns (whole, chunk-aligned row ranges: no other run writes them)
+        config: encoders, decoding and device, as the precompute flow resolved them
+    """
     return encode_chunks_task(store, chunks, config)
 
 
@@ -52,7 +65,19 @@ def precompute_flow(
     device: str = "auto",
     scale_out: ScaleOut = ScaleOut(),
 ) -> dict[str, Any]:
-    """Manifest -> 20-60 s filter -> decoded frames -> DINOv2 + VAE features -> chunked Zarr store."""
+    """Manifest -> 20-60 s filter -> decoded frames -> DINOv2 + VAE features -> chunked Zarr store.
+
+    Args:
+        manifest: CSV / Parquet / JSON-lines manifest (WebVid columns accepted), or a folder of videos; a relative
+            path is relative to the worker's project folder
+        store: feature store to create or complete (a Zarr group: local path or fsspec URL)
+        encoder: DINOv2 and SD-VAE to run (preset full: hub ids or local folders; demo: tiny random encoders)
+        listing: which manifest rows are kept (duration bounds, captions, limit)
+        decode: frame sampling and the decode worker processes
+        layout: chunking of a new store (an existing store keeps its own)
+        device: encoder device: auto (cuda when present), cpu, cuda, cuda:1, ...
+        scale_out: hand ranges of chunks to runs of a worker deployment (several GPUs or hosts)
+    """
     config = PrecomputeConfig(encoder=encoder, decode=decode, layout=layout, device=device)
     listed = list_videos_task(manifest, listing)
     pending = prepare_store_task(store, listed, config)
@@ -71,14 +96,21 @@ def run_workers(store: str, pending: list[int], config: PrecomputeConfig, scale_
     logger = get_run_logger()
     started = time.monotonic()
     before = store_counts(store)
+    if "://" not in store:  # the worker runs may start in another folder
+        store = str(Path(store).resolve())
     runs = []
-    for part in split_chunks(pending, scale_out.workers):
+    for k, part in enumerate(split_chunks(pending, scale_out.workers)):
+        routing: dict[str, Any] = {}
+        if scale_out.gpus:
+            gpu = k % scale_out.gpus
+            routing = {"work_queue_name": gpu_queue(gpu), "job_variables": gpu_job_variables(gpu)}
         run = run_deployment(
             scale_out.deployment,
             parameters={"store": store, "chunks": part, "config": config.model_dump(mode="json")},
-            timeout=0, as_subflow=True,
+            timeout=0, as_subflow=True, **routing,
         )
-        logger.info("chunks %d-%d of %s -> flow run %s", part[0], part[-1], store, run.name)
+        logger.info("chunks %d-%d of %s -> flow run %s (%s)", part[0], part[-1], store, run.name,
+                    routing.get("work_queue_name", "the deployment's queue"))
         runs.append(run)
     deadline = started + scale_out.timeout_hours * 3600
     with get_client(sync_client=True) as client:
