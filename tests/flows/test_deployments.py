@@ -22,8 +22,9 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pytest
+
+from tests.tasks.test_training import make_tiny_store, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -422,41 +423,12 @@ def test_precompute_scales_out_retries_a_flaky_source_and_reports(workers, tmp_p
 # ---- the training chain --------------------------------------------------------------------------------
 
 
-def make_tiny_store(path: Path, videos: int = 16, k: int = 4) -> str:
-    """A store with tiny token/latent shapes and the demo encoders' ids (what the tiny train config expects)."""
-    from model.encoders import DEMO_DINO_ID, DEMO_VAE_ID
-    from storage.store import OK, ChunkRows, FeatureShapes, FeatureStore, StoreConfig
-
-    ids = [f"vid{i:03d}" for i in range(videos)]
-    store = FeatureStore.create(
-        path, ids, [f"caption {i}" for i in ids], [f"missing/{i}.mp4" for i in ids], [30.0] * videos,
-        {"dino": {"id": DEMO_DINO_ID}, "vae": {"id": DEMO_VAE_ID}, "frame_size": 256, "listing": {}},
-        StoreConfig(chunk_videos=k), FeatureShapes(frames=24, tokens=5, feature_dim=8, latent_shape=(4, 4, 4)),
-    )
-    rng = np.random.default_rng(0)
-    for chunk in range(store.num_chunks):
-        n = len(store.chunk_rows(chunk))
-        store.write_chunk(chunk, ChunkRows(
-            features=rng.standard_normal((n, 24, 5, 8)).astype(np.float16),
-            latents=rng.standard_normal((n, 24, 4, 4, 4)).astype(np.float16),
-            status=np.full(n, OK, np.uint8), error=[""] * n,
-        ))
-    return str(path)
-
-
 def tiny_train_config() -> dict:
-    from model.config import LLMShape, ModelConfig
     from storage.loader import LoaderConfig
-    from tasks.training import TrainConfig, WandbConfig
 
-    model = ModelConfig(llm=None, llm_shape=LLMShape.tiny(), feature_dim=8, num_tokens=5, query_dim=8,
-                        latent_size=4, head_hidden=16, head_channels=(4, 8, 8))
-    return TrainConfig(
-        preset="demo", model=model, loader=LoaderConfig(batch_size=4, buffer_chunks=2, num_workers=0,
-                                                        eval_fraction=0.25),
-        lr=1e-3, warmup_steps=2, total_steps=1000, log_every=2, checkpoint_every=100, max_steps_per_chunk=4,
-        eval_batches=1, attention_videos=0, device="cpu", wandb=WandbConfig(mode="disabled"),
-    ).model_dump(mode="json")
+    return tiny_config(loader=LoaderConfig(batch_size=4, buffer_chunks=2, num_workers=0, eval_fraction=0.25),
+                       warmup_steps=2, total_steps=1000, checkpoint_every=100, max_steps_per_chunk=4,
+                       eval_batches=1, attention_videos=0).model_dump(mode="json")
 
 
 def test_training_chain_resubmits_itself_one_chunk_at_a_time_until_the_budget(workers, tmp_path):
@@ -468,7 +440,7 @@ def test_training_chain_resubmits_itself_one_chunk_at_a_time_until_the_budget(wo
 
     run_dir = tmp_path / "run"
     parameters = {
-        "store": make_tiny_store(tmp_path / "tiny.zarr"), "run_dir": str(run_dir), "preset": "demo",
+        "store": make_tiny_store(tmp_path / "tiny.zarr", videos=16), "run_dir": str(run_dir), "preset": "demo",
         "train": tiny_train_config(),
         # no convergence before the budget: the chain stops by max_chunks
         "convergence": ConvergenceConfig(min_steps=10**6, window=2, max_chunks=3).model_dump(mode="json"),
