@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -99,6 +101,12 @@ def ours(manifest: Path, store: Path, config: PrecomputeConfig) -> tuple[float, 
     return time.perf_counter() - started, report.as_dict()
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (ffmpeg runs, decode workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # WebVid-10M's clips (the seed's data) are 596 x 336 previews at 25-30 fps.
@@ -129,16 +137,24 @@ def main() -> None:
     encoder.encode(np.zeros((24, 256, 256, 3), np.uint8))  # warm up kernels for both
     for path in work.glob("run-*"):
         shutil.rmtree(path)
+    cpu = cpu_seconds()
     base_s = baseline(videos, encoder, work / "run-baseline-pt")
+    base_cpu = cpu_seconds() - cpu
     del encoder
+    cpu = cpu_seconds()
     ours_s, report = ours(manifest, work / "run-ours.zarr", config)
+    ours_cpu = cpu_seconds() - cpu
     base_vps, ours_vps = len(videos) / base_s, len(videos) / ours_s
-    print(f"baseline  {base_s:7.2f} s  {base_vps:6.2f} videos/s  (ffmpeg -> JPEG -> PIL, one video at a time)")
-    print(f"ours      {ours_s:7.2f} s  {ours_vps:6.2f} videos/s  ({report['videos_ok']} ok, "
-          f"{report['videos_failed']} failed)")
+    n = len(videos)
+    print(f"baseline  {base_s:7.2f} s  {base_vps:6.2f} videos/s  {base_cpu / n:5.2f} CPU s/video  "
+          f"(ffmpeg -> JPEG -> PIL, one video at a time)")
+    print(f"ours      {ours_s:7.2f} s  {ours_vps:6.2f} videos/s  {ours_cpu / n:5.2f} CPU s/video  "
+          f"({report['videos_ok']} ok, {report['videos_failed']} failed)")
     print(json.dumps({"ours": round(ours_vps, 3), "baseline": round(base_vps, 3),
-                      "ratio": round(ours_vps / base_vps, 3), "videos": len(videos), "device": args.device,
-                      "preset": args.preset}))
+                      "ratio": round(ours_vps / base_vps, 3), "videos": n, "device": args.device,
+                      "preset": args.preset, "cpu_s_per_video": {"ours": round(ours_cpu / n, 3),
+                                                                  "baseline": round(base_cpu / n, 3)},
+                      "cores": os.cpu_count()}))
 
 
 if __name__ == "__main__":
