@@ -44,12 +44,15 @@ def patch_grid(weights: np.ndarray) -> np.ndarray:
 
 
 def draw_tile(weights: np.ndarray, frame: np.ndarray | None, size: int) -> Image.Image:
-    """One frame's attention: a heat map blended over the frame, or the heat map alone."""
-    heat = Image.fromarray(colorize(patch_grid(weights))).resize((size, size), Image.BILINEAR)
+    """One frame's attention: the heat map over the frame where the query looks, or the heat map alone."""
+    grid = Image.fromarray((patch_grid(weights) * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    heat = np.asarray(grid, dtype=np.float32)[..., None] / 255.0  # (size, size, 1) in [0, 1]
+    colours = colorize(heat[..., 0]).astype(np.float32)
     if frame is None:
-        return heat
-    base = Image.fromarray(frame).resize((size, size), Image.BILINEAR)
-    return Image.blend(base, heat, alpha=0.55)
+        return Image.fromarray(colours.astype(np.uint8))
+    base = np.asarray(Image.fromarray(frame).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    alpha = 0.75 * heat  # the frame stays visible where the query does not look
+    return Image.fromarray((base * (1 - alpha) + colours * alpha).astype(np.uint8))
 
 
 def draw_attention(maps: dict[str, np.ndarray], frames: np.ndarray | None, title: str, tile: int = 96) -> Image.Image:

@@ -24,7 +24,7 @@ def fvlm(*args, env, timeout=900):
 def demo(tmp_path_factory, prefect_harness):
     work = tmp_path_factory.mktemp("demo")
     env = cli_env(work)
-    run = fvlm("demo", "--workdir", str(work / "demo"), "--videos", "16", "--max-minutes", "0.1",
+    run = fvlm("demo", "--workdir", str(work / "demo"), "--videos", "24", "--max-minutes", "0.1",
                "--max-chunks", "2", env=env)
     return work / "demo", run.stdout, env
 
