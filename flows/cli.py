@@ -173,8 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flows.cli_train import run_demo, run_train
 
     handlers.update(train=run_train, demo=run_demo)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return handlers[args.command](args)
+        with logging_redirect_tqdm():  # log lines print above the progress bar instead of through it
+            return handlers[args.command](args)
     except (StoreError, ManifestError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2

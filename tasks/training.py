@@ -452,7 +452,7 @@ class MetricsSink:
 
     def log_train(self, metrics: dict[str, float], lr: float, step: int) -> None:
         self.last_train = {**metrics, "lr": lr}
-        log.info("step %d | loss_fine %.4f | loss_coarse %.4f | ratio %.3f | %.0f samples/s | lr %.2e",
+        log.info("step %d | loss_fine %.4g | loss_coarse %.4g | ratio %.3f | %.0f samples/s | lr %.2e",
                  step, metrics["loss_fine"], metrics["loss_coarse"], metrics["ratio"],
                  metrics["samples_per_s"], lr)
         self.log({**metrics, "lr": lr}, step)
