@@ -8,8 +8,24 @@ seconds and `caption`. The file is streamed in chunks and parsed with vectorised
 Every row that is not kept is counted under the first drop reason that applies, in the order of
 `DROP_REASONS`. Durations missing from the manifest are probed from the file with ffmpeg (remote files are
 downloaded first), only for rows that passed every cheaper check, and only until `limit` videos are kept.
+
+A bad row never stops the listing; only a manifest that cannot be used at all (missing, unreadable, a required
+column absent) raises ManifestError. What bad rows become:
+- a CSV line with the wrong number of fields, a JSON line that is not an object: `malformed_row` (an
+  unterminated quote swallows the lines up to the next quote into one such row);
+- bytes that are not UTF-8: replaced by U+FFFD (the manifest is read a second time, more slowly, to do it);
+- a value that is no text (a JSON list or object), a NaN or infinite number: missing, so `no_id`, `no_caption`...;
+- a caption of only whitespace or control characters: `no_caption`; longer than `max_caption_chars` (a sign of
+  a broken quote that glued rows together): `caption_too_long`;
+- a source with a scheme other than http(s):// or file:// (s3://, ftp://): `unsupported_source`; a local
+  path that is absent or not a regular file (a folder): `missing_file`;
+- a negative, NaN, infinite or unparseable duration: probed from the file like a missing one (`no_duration`
+  when probing is off or finds none); a remote file to probe that does not download: `download_failed`.
 """
 
+import codecs
+import difflib
+import json
 import logging
 import os
 import re
@@ -33,22 +49,29 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.download import PermanentDownloadError, fetch, redact_url
+from tasks.download import DownloadError, fetch, redact_url
 
 logger = logging.getLogger(__name__)
 
 DROP_REASONS = (
+    "malformed_row",
     "no_source",
+    "unsupported_source",
     "no_id",
     "duplicate_id",
     "no_caption",
+    "caption_too_long",
     "missing_file",
+    "download_failed",
     "no_duration",
     "too_short",
     "too_long",
     "over_limit",
 )
-NO_SOURCE, NO_ID, DUPLICATE_ID, NO_CAPTION, MISSING_FILE, NO_DURATION, TOO_SHORT, TOO_LONG, OVER_LIMIT = range(9)
+(
+    MALFORMED_ROW, NO_SOURCE, UNSUPPORTED_SOURCE, NO_ID, DUPLICATE_ID, NO_CAPTION, CAPTION_TOO_LONG, MISSING_FILE,
+    DOWNLOAD_FAILED, NO_DURATION, TOO_SHORT, TOO_LONG, OVER_LIMIT,
+) = range(len(DROP_REASONS))  # fmt: skip
 KEPT = -1  # reason code of a row that is (still) kept
 
 # Accepted column names per field, in order of preference (WebVid-10M's first).
@@ -70,6 +93,25 @@ ISO_GENERAL = (
     r"(?:[Tt](?:(?P<h>\d+(?:\.\d*)?)[Hh])?(?:(?P<m>\d+(?:\.\d*)?)[Mm])?(?:(?P<s>\d+(?:\.\d*)?)[Ss])?)?$"
 )
 PLAIN_NUMBER = r"^(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"
+# Nothing but whitespace, separators, control and format characters (zero-width space, BOM): no caption.
+BLANK = r"^[\s\p{Z}\p{Cc}\p{Cf}]*$"
+SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+# A codec that decodes UTF-8 with invalid bytes replaced by U+FFFD, for Arrow's CSV reader (which takes codec names).
+UTF8_REPLACE = "fvlm-utf-8-replace"
+
+
+def _find_codec(name: str) -> codecs.CodecInfo | None:
+    if name != UTF8_REPLACE.replace("-", "_") and name != UTF8_REPLACE:
+        return None
+    utf8 = codecs.lookup("utf-8")
+    return codecs.CodecInfo(
+        name=UTF8_REPLACE, encode=utf8.encode, decode=lambda data, errors="replace": utf8.decode(data, errors),
+        incrementalencoder=utf8.incrementalencoder,
+        incrementaldecoder=lambda errors="replace": utf8.incrementaldecoder(errors),
+    )
+
+
+codecs.register(_find_codec)
 
 
 class ListingConfig(BaseModel):
@@ -87,6 +129,12 @@ class ListingConfig(BaseModel):
     )
     download_dir: str | None = Field(
         None, description="Where remote files are fetched for probing; None: a folder in the system temp dir."
+    )
+    download_attempts: int = Field(
+        3, ge=1, description="Tries to download a remote file to probe; transient errors are retried with backoff."
+    )
+    max_caption_chars: int | None = Field(
+        10_000, ge=1, description="Drop rows whose caption is longer (caption_too_long); None: no limit."
     )
     read_chunk_rows: int = Field(1_000_000, ge=1, description="Manifest rows read and filtered per chunk.")
 
@@ -111,8 +159,30 @@ class Listing:
     summary: dict  # manifest, rows, kept, dropped {reason: count}, min/max_duration_s, probed
 
 
-class _RereadWithPandas(Exception):
-    """Arrow's JSON reader gave up (e.g. a column changes type between rows); pandas reads such files."""
+class _ReadCarefully(Exception):
+    """Arrow's fast reader gave up (invalid UTF-8, a JSON column whose type changes between rows, a JSON line
+    that is not an object); the slower careful readers take such files."""
+
+
+class _ReadStats:
+    """Rows a reader had to skip as malformed; they count as rows read, dropped as `malformed_row`."""
+
+    LOGGED = 5  # warnings for the first few; the count says the rest
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.malformed = 0
+
+    def skip(self, where: str, what: str) -> None:
+        self.malformed += 1
+        if self.malformed <= self.LOGGED:
+            logger.warning("manifest %s: skipping malformed row at %s: %s", self.path, where, what[:200])
+
+    def csv_row(self, row: pacsv.InvalidRow) -> str:
+        """invalid_row_handler of Arrow's CSV reader: count the row and skip it."""
+        where = f"line {row.number}" if row.number is not None and row.number >= 0 else "a row"
+        self.skip(where, f"{row.actual_columns} fields where the header has {row.expected_columns}: {row.text!r}")
+        return "skip"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,14 +220,32 @@ def _pick_columns(path: Path, names: list[str], config: ListingConfig) -> dict[s
         found = next((by_lower[a.lower()] for a in accepted if a.lower() in by_lower), None)
         if found is not None:
             picked[found] = field
-        elif field == "source" or (field == "caption" and config.require_caption):
+            continue
+        near = _near_miss(accepted, by_lower)
+        if field == "source" or (field == "caption" and config.require_caption):
             expected = ", ".join(repr(a) for a in accepted)
-            hint = "; or set require_caption=False" if field == "caption" else ""
+            hint = f"; is {near!r} meant to be {accepted[-1]!r}? rename it" if near else ""
+            hint += "; or set require_caption=False" if field == "caption" else ""
             raise ManifestError(
                 f"manifest {path} has no {field} column: expected one of {expected} "
                 f"(columns found: {', '.join(repr(n) for n in names) or 'none'}){hint}"
             )
+        if near:
+            fallback = "probed from the files" if field == "duration" else "taken from the file names"
+            logger.warning(
+                "manifest %s has no %s column, but a column %r: %ss are %s; rename it to %r if it holds them",
+                path, field, near, field, fallback, accepted[-1],
+            )  # fmt: skip
     return picked
+
+
+def _near_miss(accepted: tuple[str, ...], by_lower: dict[str, str]) -> str | None:
+    """A column whose name looks like a misspelling of an accepted one ('captoin', 'duraton'), if any."""
+    for name in accepted:
+        close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.75)
+        if close:
+            return by_lower[close[0]]
+    return None
 
 
 def _rechunk(batches: Iterator[pa.RecordBatch], rows: int, columns: dict[str, str]) -> Iterator[pa.Table]:
@@ -173,22 +261,31 @@ def _rechunk(batches: Iterator[pa.RecordBatch], rows: int, columns: dict[str, st
         yield pa.Table.from_batches(pending).rename_columns(columns)
 
 
-def _read_csv(path: Path, config: ListingConfig) -> Iterator[pa.Table]:
+def _read_csv(path: Path, config: ListingConfig, stats: _ReadStats, careful: bool) -> Iterator[pa.Table]:
+    """CSV/TSV with Arrow's reader. Rows with the wrong number of fields are skipped and counted. Invalid
+    UTF-8 fails the fast pass (Arrow validates it); the careful pass decodes with U+FFFD replacements."""
     if path.suffix.lower() == ".tsv":
         # TSV has no quoting: a caption that starts with '"' is text, not the start of a quoted field.
         parse = pacsv.ParseOptions(delimiter="\t", quote_char=False)
     else:
         parse = pacsv.ParseOptions(newlines_in_values=True)  # quoted captions may span lines
-    with pacsv.open_csv(path, parse_options=parse) as head:
-        columns = _pick_columns(path, head.schema.names, config)
-    convert = pacsv.ConvertOptions(
-        include_columns=list(columns),
-        column_types={name: pa.string() for name in columns},  # no type guessing: ids stay text
-        strings_can_be_null=True,  # an empty cell is missing
-    )
-    read = pacsv.ReadOptions(block_size=4 << 20)
-    with pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert) as reader:
-        yield from _rechunk(reader, config.read_chunk_rows, columns)
+    read = pacsv.ReadOptions(block_size=4 << 20, encoding=UTF8_REPLACE if careful else "utf8")
+    try:
+        parse.invalid_row_handler = lambda row: "skip"  # the header's pass: bad rows are counted below
+        with pacsv.open_csv(path, read_options=read, parse_options=parse) as head:
+            columns = _pick_columns(path, head.schema.names, config)
+        parse.invalid_row_handler = stats.csv_row
+        convert = pacsv.ConvertOptions(
+            include_columns=list(columns),
+            column_types={name: pa.string() for name in columns},  # no type guessing: ids stay text
+            strings_can_be_null=True,  # an empty cell is missing
+        )
+        with pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert) as reader:
+            yield from _rechunk(reader, config.read_chunk_rows, columns)
+    except pa.ArrowInvalid as exc:
+        if careful:
+            raise
+        raise _ReadCarefully(str(exc)) from exc
 
 
 def _read_parquet(path: Path, config: ListingConfig) -> Iterator[pa.Table]:
@@ -198,7 +295,7 @@ def _read_parquet(path: Path, config: ListingConfig) -> Iterator[pa.Table]:
         yield pa.Table.from_batches([batch]).rename_columns(columns)
 
 
-def _read_jsonl(path: Path, config: ListingConfig) -> Iterator[pa.Table]:
+def _read_jsonl(path: Path, config: ListingConfig, stats: _ReadStats) -> Iterator[pa.Table]:
     """JSON lines with Arrow's reader (fast); types are fixed from the first block, widened where harmless."""
     read = pajson.ReadOptions(block_size=4 << 20)
     try:
@@ -217,31 +314,65 @@ def _read_jsonl(path: Path, config: ListingConfig) -> Iterator[pa.Table]:
         with pajson.open_json(path, read_options=read, parse_options=parse) as reader:
             yield from _rechunk(reader, config.read_chunk_rows, columns)
     except pa.ArrowInvalid as exc:
-        raise _RereadWithPandas(str(exc)) from exc
+        raise _ReadCarefully(str(exc)) from exc
 
 
-def _read_jsonl_pandas(path: Path, config: ListingConfig) -> Iterator[pa.Table]:
-    """JSON lines with pandas: slower, but takes columns whose type changes from row to row."""
-    with pd.read_json(path, lines=True, chunksize=config.read_chunk_rows, dtype=False) as chunks:
-        columns = None
-        for frame in chunks:
-            columns = columns or _pick_columns(path, list(frame.columns), config)
-            frame = frame.reindex(columns=list(columns))
-            arrays = {field: _arrow_from_series(frame[name]) for name, field in columns.items()}
-            yield pa.table(arrays)
+def _read_jsonl_lines(path: Path, config: ListingConfig, stats: _ReadStats) -> Iterator[pa.Table]:
+    """JSON lines parsed one by one in Python: slower, but takes columns whose type changes from row to row,
+    invalid UTF-8 (replaced by U+FFFD) and lines that are not JSON objects (skipped as malformed rows)."""
+    columns: dict[str, str] | None = None
+    records: list[dict] = []
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                stats.skip(f"line {number}", f"not a JSON object: {line.strip()!r}")
+                continue
+            records.append(record)
+            if len(records) == config.read_chunk_rows:
+                columns = columns or _pick_columns(path, list(dict.fromkeys(k for r in records for k in r)), config)
+                yield _records_table(records, columns)
+                records = []
+    if records:
+        columns = columns or _pick_columns(path, list(dict.fromkeys(k for r in records for k in r)), config)
+        yield _records_table(records, columns)
+    elif columns is None and stats.malformed:
+        raise ManifestError(
+            f"manifest {path} could not be read as JSON lines: none of its lines is a JSON object "
+            f"(a JSON array must be written one object per line)"
+        )
 
 
-def _arrow_from_series(series: pd.Series) -> pa.Array:
-    """An Arrow array from a pandas column; a mixed object column (ints and strings) becomes text."""
-    if series.dtype != object:
-        return pa.array(series, from_pandas=True)
-    return pa.array([_scalar_text(v) for v in series], type=pa.string())
+def _records_table(records: list[dict], columns: dict[str, str]) -> pa.Table:
+    """The picked columns of parsed JSON objects, canonically named."""
+    return pa.table({field: _json_column([r.get(name) for r in records]) for name, field in columns.items()})
+
+
+def _json_column(values: list) -> pa.Array:
+    """Numbers stay numbers (durations); any other mix of types becomes text."""
+    kinds = {type(v) for v in values if v is not None}
+    if kinds and kinds <= {int}:
+        try:
+            return pa.array(values, pa.int64())
+        except OverflowError:  # beyond 64 bits: text keeps every digit
+            pass
+    elif kinds and kinds <= {int, float}:
+        return pa.array(values, pa.float64(), from_pandas=True)  # NaN: missing
+    return pa.array([_scalar_text(v) for v in values], type=pa.string())
 
 
 def _scalar_text(value) -> str | None:
-    """One JSON value as text: None for null, 8 for 8.0 (as Arrow prints whole-number ids)."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    """One JSON value as text, as Arrow's reader would print it: None for null, NaN, lists and objects (no
+    text); 8 for 8.0; true/false for booleans."""
+    if value is None or isinstance(value, (list, dict)) or (isinstance(value, float) and not np.isfinite(value)):
         return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
@@ -274,8 +405,10 @@ def _folder_caption(video: Path) -> str:
     return re.sub(r"[_-]+", " ", video.stem)
 
 
-def _read_manifest(path: Path, config: ListingConfig, json_with_pandas: bool = False) -> Iterator[pa.Table]:
-    """Tables of the manifest's rows; read failures become ManifestError naming the file."""
+def _read_manifest(path: Path, config: ListingConfig, stats: _ReadStats, careful: bool) -> Iterator[pa.Table]:
+    """Tables of the manifest's rows; read failures become ManifestError naming the file.
+
+    The fast readers raise _ReadCarefully for files only the careful (slower) readers can take."""
     if path.is_dir():
         yield from _read_folder(path, config)
         return
@@ -288,14 +421,15 @@ def _read_manifest(path: Path, config: ListingConfig, json_with_pandas: bool = F
     if path.stat().st_size == 0:
         raise ManifestError(f"manifest {path} is empty")
     if suffix in (".csv", ".tsv"):
-        reader, what = _read_csv, "CSV"
+        rows, what = _read_csv(path, config, stats, careful), "CSV"
     elif suffix == ".parquet":
-        reader, what = _read_parquet, "Parquet"
+        rows, what = _read_parquet(path, config), "Parquet"
     else:
-        reader, what = (_read_jsonl_pandas if json_with_pandas else _read_jsonl), "JSON lines (one object per line)"
+        reader = _read_jsonl_lines if careful else _read_jsonl
+        rows, what = reader(path, config, stats), "JSON lines (one object per line)"
     try:
         # Only errors raised while reading land here: `yield from` does not pass the consumer's errors in.
-        yield from reader(path, config)
+        yield from rows
     except ManifestError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
@@ -307,14 +441,69 @@ def _read_manifest(path: Path, config: ListingConfig, json_with_pandas: bool = F
 
 
 def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """A column as trimmed strings, with blank values made null; whole-number floats print as integers."""
+    """A column as trimmed strings, with blank values made null; whole-number floats print as integers.
+
+    Blank means only whitespace, control or format characters. Values that are no text (lists, structs) and
+    floats that are no numbers (NaN, inf) are null too; bytes that are not UTF-8 are replaced by U+FFFD.
+    """
     kind = column.type
-    if pa.types.is_null(kind):
-        return pa.chunked_array([pa.nulls(len(column), pa.string())])
-    if pa.types.is_floating(kind) and pc.all(pc.equal(pc.floor(column), column)).as_py() in (True, None):
-        column = pc.cast(column, pa.int64())  # 1066674.0 (ids stored as float next to nulls) -> '1066674'
-    text = pc.utf8_trim_whitespace(pc.cast(column, pa.string()))
-    return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+    nulls = pa.chunked_array([pa.nulls(len(column), pa.string())])
+    if pa.types.is_null(kind) or pa.types.is_nested(kind):
+        return nulls
+    if pa.types.is_dictionary(kind):
+        column = pc.cast(column, kind.value_type)
+        kind = kind.value_type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        column = _decode_utf8(column)
+    elif pa.types.is_floating(kind):
+        column = _finite_numbers(column)
+        whole = pc.and_(pc.equal(pc.floor(column), column), pc.less(pc.abs(column), 9.2e18))  # fits in int64
+        if pc.all(whole).as_py() in (True, None):
+            column = pc.cast(column, pa.int64())  # 1066674.0 (ids stored as float next to nulls) -> '1066674'
+    try:
+        text = pc.utf8_trim_whitespace(pc.cast(column, pa.string()))
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid) as exc:
+        logger.warning("a column of type %s cannot be read as text (%s); its values count as missing", kind, exc)
+        return nulls
+    return pc.if_else(_mask(pc.match_substring_regex(text, BLANK)), pa.scalar(None, pa.string()), text)
+
+
+def _valid_utf8(table: pa.Table) -> pa.Table:
+    """The table with invalid UTF-8 in its string columns replaced by U+FFFD (Arrow's JSON reader lets it in)."""
+    try:
+        table.validate(full=True)  # checks UTF-8 among other things; one pass over the text, cheap
+        return table
+    except pa.ArrowInvalid:
+        pass
+    for i, column in enumerate(table.columns):
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            try:
+                column.validate(full=True)
+            except pa.ArrowInvalid:
+                table = table.set_column(i, table.field(i).name, _decode_utf8(pc.cast(column, pa.binary())))
+    return table
+
+
+def _decode_utf8(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Bytes as UTF-8 text; a value that is not valid UTF-8 gets U+FFFD for its bad bytes."""
+    try:
+        return pc.cast(column, pa.string())
+    except pa.ArrowInvalid:
+        text, repaired = [], 0
+        for value in column.to_pylist():
+            try:
+                text.append(None if value is None else bytes(value).decode("utf-8"))
+            except UnicodeDecodeError:
+                text.append(bytes(value).decode("utf-8", errors="replace"))
+                repaired += 1
+        logger.warning("%d values are not valid UTF-8; their bad bytes are replaced by U+FFFD", repaired)
+        return pa.chunked_array([pa.array(text, pa.string())])
+
+
+def _finite_numbers(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """float64 of a floating column with NaN and infinities made null."""
+    column = pc.cast(column, pa.float64())
+    return pc.if_else(pc.fill_null(pc.is_finite(column), False), column, pa.scalar(None, pa.float64()))
 
 
 def _number_or_null(text: pa.ChunkedArray, mask: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -325,8 +514,15 @@ def _number_or_null(text: pa.ChunkedArray, mask: pa.ChunkedArray) -> pa.ChunkedA
 def parse_durations(column: pa.ChunkedArray) -> np.ndarray:
     """Seconds from numbers, numeric strings or ISO-8601 durations (PT00H00M22S, PT1M5.5S); NaN if unusable."""
     kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = pc.cast(column, kind.value_type), kind.value_type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        column, kind = _decode_utf8(column), pa.string()
     if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind):
         seconds = pc.cast(column, pa.float64())
+    elif pa.types.is_duration(kind):  # e.g. pandas Timedelta written to Parquet
+        per_second = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[kind.unit]
+        seconds = pc.divide(pc.cast(pc.cast(column, pa.int64()), pa.float64()), per_second)
     elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
         seconds = _seconds_from_text(pc.utf8_trim_whitespace(column))
     else:
@@ -419,20 +615,25 @@ class _Lister:
         self.dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
         self.rows = self.kept = self.probed = 0
         self.kept_tables: list[pa.Table] = []
+        self.read_stats = _ReadStats(manifest)
 
     def add(self, chunk: pa.Table) -> None:
         """Filter one chunk of rows (canonical column names) and keep its survivors."""
+        chunk = _valid_utf8(chunk)
         n = chunk.num_rows
         reason = np.full(n, KEPT, dtype=np.int8)
         nulls = pa.chunked_array([pa.nulls(n, pa.string())])
-        sources, remote = self._sources(_as_text(chunk["source"]))
+        sources, remote, unsupported = self._sources(_as_text(chunk["source"]))
         _drop(reason, _mask(pc.is_null(sources)), NO_SOURCE)
+        _drop(reason, unsupported, UNSUPPORTED_SOURCE)
         ids = _as_text(chunk["video_id"]) if "video_id" in chunk.column_names else _file_stems(sources)
         _drop(reason, _mask(pc.is_null(ids)), NO_ID)
         _drop(reason, self._duplicates(ids, reason == KEPT), DUPLICATE_ID)
         captions = _as_text(chunk["caption"]) if "caption" in chunk.column_names else nulls
         if self.config.require_caption:
             _drop(reason, _mask(pc.is_null(captions)), NO_CAPTION)
+        if self.config.max_caption_chars is not None:
+            _drop(reason, _mask(pc.greater(pc.utf8_length(captions), self.config.max_caption_chars)), CAPTION_TOO_LONG)
         _drop(reason, self._missing_files(sources, ~remote & (reason == KEPT)), MISSING_FILE)
         durations = parse_durations(chunk["duration"]) if "duration" in chunk.column_names else np.full(n, np.nan)
         self._probe_missing(durations, sources, remote, reason)
@@ -456,17 +657,20 @@ class _Lister:
             )
         )
 
-    def _sources(self, text: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
-        """Sources with local paths made absolute (relative to the manifest, file:// URIs unwrapped)."""
+    def _sources(self, text: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray]:
+        """Sources with local paths made absolute (relative to the manifest, file:// URIs unwrapped), and the
+        masks of remote (http, https) and unsupported (s3://, ftp://, ...) ones."""
         remote = _mask(pc.match_substring_regex(text, r"^https?://", ignore_case=True))
-        local = np.flatnonzero(_mask(pc.is_valid(text)) & ~remote)
+        schemed = _mask(pc.match_substring_regex(text, SCHEME))
+        unsupported = schemed & ~remote & ~_mask(pc.starts_with(text, "file:", ignore_case=True))
+        local = np.flatnonzero(_mask(pc.is_valid(text)) & ~remote & ~unsupported)
         if len(local) == 0:
-            return text, remote
+            return text, remote, unsupported
         resolved = [_local_path(t, self.base_dir) for t in pc.take(text, pa.array(local)).to_pylist()]
         is_local = np.zeros(len(text), dtype=bool)
         is_local[local] = True
         text = pc.replace_with_mask(text.combine_chunks(), pa.array(is_local), pa.array(resolved, pa.string()))
-        return pa.chunked_array([text]), remote
+        return pa.chunked_array([text]), remote, unsupported
 
     def _duplicates(self, ids: pa.ChunkedArray, candidates: np.ndarray) -> np.ndarray:
         """Rows among `candidates` whose id appeared before, in this chunk or an earlier one."""
@@ -484,7 +688,7 @@ class _Lister:
         return out
 
     def _missing_files(self, sources: pa.ChunkedArray, candidates: np.ndarray) -> np.ndarray:
-        """Rows among `candidates` (local sources) whose file does not exist."""
+        """Rows among `candidates` (local sources) with no regular file at their path (absent, a folder, ...)."""
         rows = np.flatnonzero(candidates)
         out = np.zeros(len(candidates), dtype=bool)
         if len(rows):
@@ -509,7 +713,12 @@ class _Lister:
         for row in need:
             if limit is not None and kept_before[row] + probed_in_bounds >= limit:
                 break  # this row and every later one is over the limit: no need to probe them
-            seconds = self._probe(sources[int(row)].as_py(), bool(remote[row]))
+            try:
+                seconds = self._probe(sources[int(row)].as_py(), bool(remote[row]))
+            except DownloadError as exc:
+                logger.warning("%s; counting the row as download_failed", exc)
+                reason[row] = DOWNLOAD_FAILED
+                continue
             if seconds is None:
                 reason[row] = NO_DURATION
             else:
@@ -517,14 +726,11 @@ class _Lister:
                 probed_in_bounds += lo <= seconds <= hi
 
     def _probe(self, source: str, remote: bool) -> float | None:
-        """Duration of one source; a remote one is downloaded first (a transient failure propagates)."""
+        """Duration of one source; a remote one is downloaded first (DownloadError when that fails)."""
         self.probed += 1
         if remote:
-            try:
-                source = str(fetch(source, self.download_dir, self.config.probe_timeout_s, attempts=3))
-            except PermanentDownloadError as exc:
-                logger.warning("%s; counting the row as no_duration", exc)
-                return None
+            timeout, attempts = self.config.probe_timeout_s, self.config.download_attempts
+            source = str(fetch(source, self.download_dir, timeout, attempts=attempts))
         seconds = probe_duration(source, self.config.probe_timeout_s)
         if seconds is None:
             logger.info("no duration found in %s", redact_url(source) if remote else source)
@@ -547,9 +753,10 @@ class _Lister:
                 {name: pa.array([], pa.string()) for name in ("video_id", "source", "caption")}
                 | {"duration_s": pa.array([], pa.float64())}
             )
+        self.dropped[MALFORMED_ROW] = self.read_stats.malformed  # skipped by the reader, never seen by add()
         summary = {
             "manifest": str(self.manifest),
-            "rows": self.rows,
+            "rows": self.rows + self.read_stats.malformed,
             "kept": self.kept,
             "dropped": {name: int(count) for name, count in zip(DROP_REASONS, self.dropped)},
             "min_duration_s": self.config.min_duration_s,
@@ -562,32 +769,35 @@ class _Lister:
 def _local_path(text: str, base_dir: Path) -> str:
     """Absolute path of a local source: file:// URIs unwrapped, relative paths joined to the manifest folder."""
     if text[:5].lower() == "file:":
-        text = urllib.request.url2pathname(urllib.parse.urlsplit(text).path)
+        try:
+            text = urllib.request.url2pathname(urllib.parse.urlsplit(text).path)
+        except ValueError:  # e.g. 'file://[::1/x.mp4': kept as written, it names no file (missing_file)
+            pass
     return os.path.normpath(os.path.join(base_dir, text))  # join keeps an absolute path as it is
 
 
 def list_videos(manifest: str | os.PathLike, config: ListingConfig | None = None) -> Listing:
     """List the usable videos of a manifest file or folder; see the module docstring for the rules.
 
-    Raises ManifestError for a manifest that cannot be used, and TransientDownloadError when a remote file that
-    must be probed still fails to download after 3 attempts (the Prefect task retries the listing then; cached
-    downloads are kept). A permanent download failure (e.g. HTTP 404) only drops its row as no_duration.
+    Raises ManifestError for a manifest that cannot be used. Bad rows never raise: each is counted under its
+    drop reason. A remote file that must be probed and does not download (HTTP 404, 500 or a timeout on each
+    of `download_attempts` tries) drops its row as download_failed.
     """
     config = config or ListingConfig()
     path = Path(manifest).expanduser().absolute()
     if not path.exists():
         raise ManifestError(f"manifest {path} does not exist (check the manifest path)")
     try:
-        return _list(path, config, json_with_pandas=False)
-    except _RereadWithPandas as exc:
-        logger.info("Arrow could not read %s (%s); reading it again with pandas, more slowly", path, exc)
-        return _list(path, config, json_with_pandas=True)
+        return _list(path, config, careful=False)
+    except _ReadCarefully as exc:
+        logger.info("Arrow could not read %s (%s); reading it again, more slowly and carefully", path, exc)
+        return _list(path, config, careful=True)
 
 
-def _list(path: Path, config: ListingConfig, json_with_pandas: bool) -> Listing:
+def _list(path: Path, config: ListingConfig, careful: bool) -> Listing:
     lister = _Lister(path, config)
     start = time.perf_counter()
-    for chunk in _read_manifest(path, config, json_with_pandas):
+    for chunk in _read_manifest(path, config, lister.read_stats, careful):
         lister.add(chunk)
         logger.info(
             "listing %s: %d rows read, %d kept (%.0f rows/s)",

@@ -232,9 +232,8 @@ def test_missing_columns_and_bad_files_raise_manifest_errors(tmp_path):
     with pytest.raises(ManifestError, match=r"broken\.parquet could not be read as Parquet"):
         list_videos(garbage)
     ragged = tmp_path / "ragged.csv"
-    ragged.write_text('path,caption\n"a.mp4,x\n')  # an unterminated quote
-    with pytest.raises(ManifestError, match=r"ragged\.csv could not be read as CSV"):
-        list_videos(ragged)
+    ragged.write_text('path,caption\n"a.mp4,x\n')  # an unterminated quote: one bad row, not a bad file
+    assert list_videos(ragged).summary["dropped"] == _dropped(malformed_row=1)
     array_json = tmp_path / "array.json"
     array_json.write_text('[\n{"path": "a.mp4",\n "caption": "x"}\n]\n')
     with pytest.raises(ManifestError, match=r"array\.json could not be read as JSON lines"):
@@ -307,7 +306,7 @@ def test_a_remote_source_without_duration_is_downloaded_and_probed(tmp_path, cli
     shutil.copy(clips["21s"], www / "clip.mp4")
     rows = [
         {"contentUrl": f"{base}/clip.mp4", "name": "remote clip"},
-        {"contentUrl": f"{base}/absent.mp4", "name": "404: no duration"},
+        {"contentUrl": f"{base}/absent.mp4", "name": "404: download_failed"},
         {"contentUrl": f"{base}/known.mp4", "name": "duration given, never downloaded", "duration": "PT30S"},
     ]
     downloads = tmp_path / "downloads"
@@ -315,7 +314,7 @@ def test_a_remote_source_without_duration_is_downloaded_and_probed(tmp_path, cli
     assert listing.videos["source"].tolist() == [f"{base}/clip.mp4", f"{base}/known.mp4"]
     assert listing.videos["video_id"].tolist() == ["clip", "known"]
     assert listing.videos["duration_s"].iloc[0] == pytest.approx(21.0, abs=0.1)
-    assert listing.summary["dropped"] == _dropped(no_duration=1)
+    assert listing.summary["dropped"] == _dropped(download_failed=1)
     assert listing.summary["probed"] == 2
     assert [p.suffix for p in downloads.iterdir()] == [".mp4"]  # only the probed file, cached for decoding
 
