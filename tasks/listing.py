@@ -14,6 +14,7 @@ column absent) raises ManifestError. What bad rows become:
 - a CSV line with the wrong number of fields, a JSON line that is not an object: `malformed_row` (an
   unterminated quote swallows the lines up to the next quote into one such row);
 - bytes that are not UTF-8: replaced by U+FFFD (the manifest is read a second time, more slowly, to do it);
+- a CSV cell that is exactly a null marker (NA, NULL, NaN, n/a, ...; pandas' list) is missing, as in pandas;
 - a value that is no text (a JSON list or object), a NaN or infinite number: missing, so `no_id`, `no_caption`...;
 - a caption of only whitespace or control characters: `no_caption`; longer than `max_caption_chars` (a sign of
   a broken quote that glued rows together): `caption_too_long`;
@@ -262,19 +263,22 @@ def _rechunk(batches: Iterator[pa.RecordBatch], rows: int, columns: dict[str, st
 
 
 def _read_csv(path: Path, config: ListingConfig, stats: _ReadStats, careful: bool) -> Iterator[pa.Table]:
-    """CSV/TSV with Arrow's reader. Rows with the wrong number of fields are skipped and counted. Invalid
-    UTF-8 fails the fast pass (Arrow validates it); the careful pass decodes with U+FFFD replacements."""
+    """CSV/TSV with Arrow's reader. The fast pass fails on invalid UTF-8 or a row with the wrong number of
+    fields; the careful pass decodes with U+FFFD replacements and skips (and counts) such rows."""
     if path.suffix.lower() == ".tsv":
         # TSV has no quoting: a caption that starts with '"' is text, not the start of a quoted field.
         parse = pacsv.ParseOptions(delimiter="\t", quote_char=False)
     else:
         parse = pacsv.ParseOptions(newlines_in_values=True)  # quoted captions may span lines
+    # Only the careful pass skips rows: Arrow decodes a bad row's text for the handler, which fails on bad UTF-8.
     read = pacsv.ReadOptions(block_size=4 << 20, encoding=UTF8_REPLACE if careful else "utf8")
     try:
-        parse.invalid_row_handler = lambda row: "skip"  # the header's pass: bad rows are counted below
+        if careful:
+            parse.invalid_row_handler = lambda row: "skip"  # the header's pass: bad rows are counted below
         with pacsv.open_csv(path, read_options=read, parse_options=parse) as head:
             columns = _pick_columns(path, head.schema.names, config)
-        parse.invalid_row_handler = stats.csv_row
+        if careful:
+            parse.invalid_row_handler = stats.csv_row
         convert = pacsv.ConvertOptions(
             include_columns=list(columns),
             column_types={name: pa.string() for name in columns},  # no type guessing: ids stay text
