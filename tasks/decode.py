@@ -109,10 +109,29 @@ def describe_decord_error(err: BaseException) -> str:
     return text[:200] or type(err).__name__
 
 
+IMAGE_SIGNATURES = {  # leading bytes of still-image files that ffmpeg opens as one-frame "videos" without metadata
+    b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF", b"GIF89a": "GIF", b"BM": "BMP",
+    b"II*\x00": "TIFF", b"MM\x00*": "TIFF",
+}
+
+
+def still_image_format(path: str) -> str | None:
+    """'PNG', 'JPEG', ... when the file starts like a still image, else None (WebP: RIFF....WEBP)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in IMAGE_SIGNATURES.items() if head.startswith(magic)), None)
+
+
 def open_reader(path: str, num_threads: int, width: int = -1, height: int = -1) -> decord.VideoReader:
     """A decord reader, or a DecodeError that says why the file cannot be opened."""
     file = Path(path)
     if not file.is_file():
+        if file.is_dir():
+            raise DecodeError(f"cannot open: {path} is a folder, not a video file")
+        if file.exists():
+            raise DecodeError(f"cannot open: {path} is not a regular file (a pipe, socket or device)")
         raise DecodeError(f"cannot open: no such file {path}")
     if file.stat().st_size == 0:
         raise DecodeError("cannot open: the file is empty (0 bytes)")
@@ -120,6 +139,9 @@ def open_reader(path: str, num_threads: int, width: int = -1, height: int = -1) 
         return decord.VideoReader(path, ctx=decord.cpu(0), width=width, height=height, num_threads=num_threads)
     except decord.DECORDError as err:
         text = str(err)
+        image = still_image_format(path)
+        if image:  # ffmpeg's image demuxers give decord a frame but no duration: say what the file is instead
+            raise DecodeError(f"cannot open: the file is a still {image} image, not a video") from None
         if "broken metadata" in text:
             raise DecodeError(
                 "cannot open: the container has no duration or frame count (broken metadata); remuxing it, "
@@ -128,6 +150,9 @@ def open_reader(path: str, num_threads: int, width: int = -1, height: int = -1) 
             raise DecodeError("cannot open: the file has no video stream") from None
         raise DecodeError(f"cannot open: {describe_decord_error(err)}") from None
     except (RuntimeError, AssertionError):  # decord: 'Error reading X...' / 'Invalid frame count: 0'
+        image = still_image_format(path)
+        if image:
+            raise DecodeError(f"cannot open: the file is a still {image} image, not a video") from None
         raise DecodeError(
             "cannot open: ffmpeg reads no video from it (not a video, or cut off before its header/index); "
             "`ffmpeg -i FILE` shows what is wrong") from None

@@ -321,3 +321,28 @@ def make_demo_collection(folder: str | Path, n_videos: int = 32, seed: int = 0,
         writer.writerows(rows)
     log.info("demo collection: %d rows in %s (%.1f s)", len(rows), manifest, time.perf_counter() - started)
     return manifest
+
+
+# ---- odd videos for robustness tests ---------------------------------------------------------------------
+
+
+def make_vfr_video(path: str | Path, frames: int = 50, fps: float = 10, size: tuple[int, int] = (320, 240),
+                   pattern: str = "gradient", seed: int = 0) -> Path:
+    """A variable frame rate video: frame i is shown at (i + i^2 / 40) / fps seconds, so the gaps between frames
+    grow from 1/fps to several times that, as in screen recordings and phone videos that slow down in the dark.
+
+    The frames are those of `make_video` (with `gradient`, blue still tells which frame was decoded); only their
+    timestamps change (`setpts`, muxed with `-fps_mode vfr` so no frame is dropped or duplicated).
+    """
+    path = Path(path)
+    constant = path.with_name(f".{path.stem}.cfr{path.suffix}")
+    make_video(constant, frames / fps, fps=fps, size=size, pattern=pattern, seed=seed)
+    codec = CODECS.get(path.suffix.lower(), "libx264")
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-i", str(constant),
+           "-vf", "setpts=(N+N*N/40)/FRAME_RATE/TB", "-fps_mode", "vfr", "-c:v", codec,
+           *ENCODER_ARGS.get(codec, []), *pixel_format(codec, *size), str(path)]
+    done = subprocess.run(cmd, capture_output=True, check=False)
+    constant.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise SampleVideoError(f"ffmpeg could not retime {path}: {done.stderr.decode(errors='replace')[-500:]}")
+    return path
