@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 import uuid
@@ -152,6 +153,7 @@ class Trainer:
     position: LoaderPosition = field(default_factory=LoaderPosition)
     wandb_run_id: str = ""
     graphed: bool = False  # the LLM runs as CUDA graphs: each step marks a new graph iteration
+    micro_batches: int = 1  # each batch runs in this many parts with gradient accumulation (doubled on OOM)
 
     @property
     def autocast(self) -> torch.autocast:
@@ -168,6 +170,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "step": self.step, "loader": self.position.to_dict(), "rng": rng,
             "config": self.config.model_dump(mode="json"), "wandb_run_id": self.wandb_run_id,
+            "micro_batches": self.micro_batches,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -183,6 +186,7 @@ class Trainer:
         self.step = int(state["step"])
         self.position = LoaderPosition.from_dict(state["loader"])
         self.wandb_run_id = state.get("wandb_run_id") or self.wandb_run_id
+        self.micro_batches = int(state.get("micro_batches", 1))  # an earlier chunk ran out of memory: keep its split
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate((3, tuple(state["rng"]["python"]), None))
         if "cuda" in state["rng"] and self.device.type == "cuda":
@@ -270,21 +274,39 @@ class ChunkResult:
     stopped_by: str
     pictures: list[str]
 
+    resumed_from: str | None = None
+    micro_batch: int = 0  # samples per forward pass; below the batch size after an out-of-memory split
+
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The chunk records of a run; a line torn by a kill during its append is skipped with a warning."""
     path = Path(run_dir) / HISTORY
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not a complete record (a write cut short?); skipped", path, number)
+    return records
 
 
 def append_history(run_dir: str | Path, record: dict[str, Any]) -> None:
-    with open(Path(run_dir) / HISTORY, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = Path(run_dir) / HISTORY
+    with open(path, "a+b") as f:
+        if f.tell() > 0:  # a kill during an earlier append may have left a line without its newline
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
         f.flush()
+        os.fsync(f.fileno())
 
 
 def train_chunk(store_path: str, run_dir: str | Path, config: TrainConfig, resume: str | None = None,
@@ -306,9 +328,11 @@ def _train_chunk_locked(store_path: str, run_dir: Path, config: TrainConfig, res
                                  f"of {config.loader.batch_size}: precompute more videos or lower the batch size")
     checkpoints = CheckpointStore(run_dir, keep=config.keep_checkpoints)
     trainer = build_trainer(config)
-    source = resume or checkpoints.latest()
-    if source is not None:
-        trainer.load_state(checkpoints.load(source, map_location="cpu"))
+    # An explicit --resume must load as asked; the run folder's own latest falls back past a damaged one.
+    loaded = (checkpoints.load(resume, map_location="cpu"), Path(resume)) if resume else checkpoints.load_latest()
+    source = str(loaded[1]) if loaded else None
+    if loaded is not None:
+        trainer.load_state(loaded[0])
         log.info("resumed from %s at step %d", source, trainer.step)
     else:
         torch.manual_seed(config.seed)
@@ -319,7 +343,9 @@ def _train_chunk_locked(store_path: str, run_dir: Path, config: TrainConfig, res
     started = time.monotonic()
     stopped_by = _train_steps(trainer, store_path, train_rows, checkpoints, sink, started)
     seconds = time.monotonic() - started
-    checkpoint = checkpoints.save(trainer.state(), trainer.step)
+    # Saved once per step: the loop may just have saved this one, or a resumed finished run has it already.
+    saved = trainer.step in checkpoints.steps()
+    checkpoint = checkpoints.path_for(trainer.step) if saved else checkpoints.save(trainer.state(), trainer.step)
     evaluation = evaluate(trainer, store_path, eval_rows)
     with eager():
         pictures = save_attention_pictures(
@@ -332,12 +358,14 @@ def _train_chunk_locked(store_path: str, run_dir: Path, config: TrainConfig, res
         chunk=chunk, start_step=start_step, step=trainer.step, seconds=round(seconds, 3),
         samples_per_s=samples / seconds if seconds > 0 else 0.0, train=sink.last_train, eval=evaluation,
         checkpoint=str(checkpoint), wandb_run_id=trainer.wandb_run_id, stopped_by=stopped_by,
-        pictures=[str(p) for p in pictures],
+        pictures=[str(p) for p in pictures], resumed_from=source,
+        micro_batch=-(-config.loader.batch_size // trainer.micro_batches),
     )
     append_history(run_dir, {"chunk": chunk, "step": trainer.step, **evaluation,
                              "train": sink.last_train, "samples_per_s": result.samples_per_s,
                              "seconds": result.seconds, "stopped_by": stopped_by,
                              "wandb_run_id": trainer.wandb_run_id, "pictures": result.pictures,
+                             "micro_batch": result.micro_batch,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     sink.log({f"eval/{k}": v for k, v in evaluation.items()}, trainer.step)
     if metrics_sink is None:
@@ -369,17 +397,7 @@ def _loop(trainer: Trainer, batches: Iterator[dict[str, Any]], checkpoints: Chec
         batch = next(batches)
         features = batch["features"].to(device, non_blocking=True)  # (B, T, N, D) float16, cast on the device
         latents = batch["latents"].to(device, non_blocking=True)  # (B, T, C, S, S) float16
-        if trainer.graphed:
-            torch.compiler.cudagraph_mark_step_begin()
-        with trainer.autocast:
-            loss, metrics = trainer.model(features, latents)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.scaler.scale(loss).backward()
-        trainer.scaler.unscale_(trainer.optimizer)
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), config.grad_clip)
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        trainer.scheduler.step()
+        metrics = _optimizer_step(trainer, features, latents)
         trainer.step += 1
         trainer.position = trainer.position.advanced(batch)
         window.add(metrics, features.shape[0])
@@ -396,6 +414,55 @@ def _loop(trainer: Trainer, batches: Iterator[dict[str, Any]], checkpoints: Chec
             return "steps"
         if time.monotonic() - started >= budget_s:
             return "time"
+
+
+def _optimizer_step(trainer: Trainer, features: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One optimizer step on the batch; out of memory, split it in twice as many parts and try the batch again.
+
+    The parts' gradients add up to the whole batch's (each part's mean loss is weighted by its share), so the
+    effective batch, and with it the recipe, is unchanged; the split is kept for the rest of the run.
+    """
+    while True:
+        try:
+            return _accumulate(trainer, features, latents)
+        except torch.OutOfMemoryError as err:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            if trainer.device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch = features.shape[0]
+            if trainer.micro_batches >= batch:
+                raise torch.OutOfMemoryError(
+                    f"out of memory at step {trainer.step} even with a micro-batch of one sample: the model does "
+                    f"not fit this device (free the GPU, or use a smaller model preset)"
+                ) from err
+            before = -(-batch // trainer.micro_batches)
+            trainer.micro_batches = min(batch, trainer.micro_batches * 2)
+            log.warning("out of memory at step %d with micro-batch %d: now %d micro-batches of %d with gradient "
+                        "accumulation (effective batch %d unchanged)", trainer.step, before, trainer.micro_batches,
+                        -(-batch // trainer.micro_batches), batch)
+
+
+def _accumulate(trainer: Trainer, features: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    config, model = trainer.config, trainer.model
+    trainer.optimizer.zero_grad(set_to_none=True)
+    batch = features.shape[0]
+    totals: dict[str, torch.Tensor] = {}
+    for part_features, part_latents in zip(features.tensor_split(trainer.micro_batches),
+                                           latents.tensor_split(trainer.micro_batches)):
+        share = part_features.shape[0] / batch
+        if trainer.graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+        with trainer.autocast:
+            loss, metrics = model(part_features, part_latents)
+        trainer.scaler.scale(loss * share if share < 1 else loss).backward()
+        for name, value in metrics.items():
+            totals[name] = totals[name] + value * share if name in totals else value * share
+    trainer.scaler.unscale_(trainer.optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    trainer.scheduler.step()
+    return totals
 
 
 def eager():
