@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage.checkpoints import describe_load_error
 from storage.store import FAILED, OK, ChunkRows, FeatureShapes, FeatureStore, StoreConfig, StoreError
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ def load_seed_file(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     try:
         sample = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the unpickler raises anything on a bad file; the import goes on
-        log.warning("cannot load %s: %s: %s", path, type(err).__name__, err)
-        raise SeedFileError(f"cannot load {path.name}: {type(err).__name__}: {str(err)[:200]}") from err
+        reason = describe_load_error(err)
+        log.warning("cannot load %s: %s", path, reason)
+        raise SeedFileError(f"cannot load {path.name}: {reason}") from err
     if not isinstance(sample, dict):
         raise SeedFileError(f"{path.name} holds a {type(sample).__name__}, not a dict")
     missing = [key for key in ("dino_features", "latents") if not torch.is_tensor(sample.get(key))]
