@@ -118,6 +118,10 @@ def check_store(store: FeatureStore, config: TrainConfig) -> None:
         "dino": attrs.get("dino", {}).get("id"), "vae": attrs.get("vae", {}).get("id"),
     }
     diffs = [f"{k}: store has {have[k]!r}, config wants {want[k]!r}" for k in want if have[k] != want[k]]
+    for name in ("dino_features", "latents"):  # the loader reads float16 bytes straight from the chunk files
+        dtype = str(store.group[name].dtype)
+        if dtype != "float16":
+            diffs.append(f"{name} dtype: store has {dtype}, this code reads float16")
     if attrs.get("frames", 0) < config.loader.frames:
         diffs.append(f"frames: store has {attrs.get('frames')}, config samples {config.loader.frames}")
     if diffs:

@@ -108,6 +108,30 @@ def test_a_history_line_torn_by_a_kill_is_skipped_and_the_next_record_lands_whol
     assert result.chunk == 2 and [h["step"] for h in read_history(tmp_path)] == [4, 8]
 
 
+# ---- stores made for something else ---------------------------------------------------------------------
+
+
+def test_a_store_of_another_schema_or_dtype_is_refused_with_the_difference(tmp_path):
+    import zarr
+
+    from storage.store import StoreError
+    from tasks.training import StoreMismatchError
+
+    newer = make_tiny_store(tmp_path / "newer.zarr", videos=8)
+    zarr.open_group(newer, mode="r+").attrs["schema_version"] = 2
+    with pytest.raises(StoreError, match="has store schema 2; this code reads schema 1"):
+        train_chunk(newer, tmp_path / "run", tiny_config(max_steps_per_chunk=2))
+
+    wider = make_tiny_store(tmp_path / "wider.zarr", videos=8)
+    group = zarr.open_group(wider, mode="r+")
+    values = group["dino_features"][:]
+    del group["dino_features"]
+    group.create_array("dino_features", data=values.astype("float32"), chunks=(4, *values.shape[1:]))
+    with pytest.raises(StoreMismatchError, match="dino_features dtype: store has float32, this code reads float16"):
+        train_chunk(wider, tmp_path / "run", tiny_config(max_steps_per_chunk=2))
+    assert not (tmp_path / "run" / "history.jsonl").exists()
+
+
 # ---- out of memory ----------------------------------------------------------------------------------------
 
 
