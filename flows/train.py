@@ -17,7 +17,10 @@ from pydantic import Field
 
 from tasks.chain import decide_task, report_chunks_task, train_chunk_task
 from tasks.convergence import ConvergenceConfig
+from tasks.runtime import send_logs_to_prefect
 from tasks.training import TrainConfig
+
+send_logs_to_prefect()
 
 
 def demo_convergence() -> ConvergenceConfig:

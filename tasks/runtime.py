@@ -1,7 +1,8 @@
-"""Small runtime helpers shared by tasks: device choice, progress bars."""
+"""Small runtime helpers shared by tasks: device choice, progress bars, where the project's logs go."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -28,3 +29,38 @@ def resolve_device(name: str = "auto") -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} asked for, but no CUDA device is visible (set --device cpu or auto)")
     return name
+
+
+PROJECT_LOGGERS = ("flows", "tasks", "storage", "model")
+
+
+class _InRun(logging.Filter):
+    """Only records logged inside a flow or task run: the API stores a log only with the run it belongs to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def send_logs_to_prefect(level: int = logging.INFO) -> None:
+    """Attach Prefect's API log handler to the project's loggers, once per process.
+
+    Without it only `get_run_logger()` lines reach the Prefect UI; with it a training task's run also shows its
+    step lines and warnings (a damaged checkpoint skipped, a batch split after running out of memory) and a
+    precompute run its failed videos. Called when a flow module is imported, which is how both the command line
+    and a worker's flow-run process start a run. Records from outside a run (the command line before its flow
+    starts, decode worker processes) stay local.
+    """
+    from prefect.logging.handlers import APILogHandler
+
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        if any(getattr(handler, "_fvlm", False) for handler in logger.handlers):
+            continue
+        handler = APILogHandler(level=level)
+        handler.addFilter(_InRun())
+        handler._fvlm = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:  # a worker's root logger is at WARNING: let INFO through to the API
+            logger.setLevel(level)
