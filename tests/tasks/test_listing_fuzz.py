@@ -174,7 +174,9 @@ def _csv_field(value) -> bytes:
 # ---- the reference model -----------------------------------------------------------------------------------
 
 
-def expected_listing(rows_: list[Row], folder: Path, config: ListingConfig, fmt: str) -> tuple[list[Row], dict[str, int]]:
+def expected_listing(
+    rows_: list[Row], folder: Path, config: ListingConfig, fmt: str
+) -> tuple[list[Row], dict[str, int]]:
     """Kept rows and drop counts by the documented rules (probing off: an unusable duration is no_duration)."""
     dropped = dict.fromkeys(DROP_REASONS, 0)
     kept, seen = [], set()
