@@ -453,6 +453,8 @@ def _accumulate(trainer: Trainer, features: torch.Tensor, latents: torch.Tensor)
     totals: dict[str, torch.Tensor] = {}
     for part_features, part_latents in zip(features.tensor_split(trainer.micro_batches),
                                            latents.tensor_split(trainer.micro_batches)):
+        if part_features.shape[0] == 0:  # more parts than samples (a batch size lowered since the split)
+            continue
         share = part_features.shape[0] / batch
         if trainer.graphed:
             torch.compiler.cudagraph_mark_step_begin()
@@ -482,14 +484,17 @@ def evaluate(trainer: Trainer, store_path: str, eval_rows) -> dict[str, float]:
     fine = coarse = 0.0
     samples = 0
     for batch in eval_batches(store_path, eval_rows, trainer.config.loader, max_batches=trainer.config.eval_batches):
-        features = batch["features"].to(device)
-        latents = batch["latents"].to(device)
-        with trainer.autocast, eager():
-            _, metrics = model(features, latents)
-        n = features.shape[0]
-        fine += metrics["loss_fine"].item() * n
-        coarse += metrics["loss_coarse"].item() * n
-        samples += n
+        # In the training's micro-batches: a batch that ran out of memory in training may not fit here either.
+        for features, latents in zip(batch["features"].tensor_split(trainer.micro_batches),
+                                     batch["latents"].tensor_split(trainer.micro_batches)):
+            if features.shape[0] == 0:
+                continue
+            with trainer.autocast, eager():
+                _, metrics = model(features.to(device), latents.to(device))
+            n = features.shape[0]
+            fine += metrics["loss_fine"].item() * n
+            coarse += metrics["loss_coarse"].item() * n
+            samples += n
     model.train()
     if samples == 0:
         return {"loss_fine": float("nan"), "loss_coarse": float("nan"), "ratio": float("nan"),

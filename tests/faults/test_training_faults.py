@@ -137,12 +137,13 @@ def test_a_store_of_another_schema_or_dtype_is_refused_with_the_difference(tmp_p
 
 @pytest.fixture
 def memory_limit(monkeypatch):
-    """Simulated CUDA OOM: forward passes over more than `limit["samples"]` samples raise, as a full GPU does."""
+    """Simulated CUDA OOM: forward passes (training or evaluation) over more than `limit["samples"]` samples
+    raise, as a full GPU does."""
     limit = {"samples": None, "raised": 0}
     forward = EfficientFoveatedModel.forward
 
     def limited(self, dino_features, latents):
-        if limit["samples"] is not None and dino_features.shape[0] > limit["samples"] and self.training:
+        if limit["samples"] is not None and dino_features.shape[0] > limit["samples"]:
             limit["raised"] += 1
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return forward(self, dino_features, latents)
