@@ -12,11 +12,17 @@ Why it is written the way it is: two writers touching the same chunk lose data a
 rows, so one process creates every array at full size, each writer owns whole chunk-aligned row ranges and
 writes each chunk in one call, and `status` is written last. A row whose status is not ok is simply done again
 by the next run. Chunk files are replaced atomically by zarr's local store, so a killed writer leaves either
-the old chunk or the new one, never half of one.
+the old chunk or the new one, never half of one (plus, at worst, a `*.partial` temporary file, which the next
+writer of that chunk removes). `create` sets the group attributes last: a group without `schema_version` is
+one whose creation was interrupted.
+
+A write that fails (disk full, file-size limit, read-only or forbidden folder) raises StoreWriteError and
+commits nothing of its chunk: its rows stay pending, since a full disk is not the videos' fault.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -37,6 +43,23 @@ ROW_ARRAYS = ("status", "video_id", "caption", "source", "error", "duration_s")
 
 class StoreError(RuntimeError):
     """A store that cannot be opened or used as asked; the message says what to do."""
+
+
+class StoreWriteError(StoreError):
+    """Writing to the store failed (disk full, read-only, no permission); nothing of the chunk was committed."""
+
+
+def describe_write_error(path: str, what: str, err: OSError) -> str:
+    """A message that names the store, what was being written, the OS's reason and what to do about it."""
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        todo = f"free disk space (or raise the quota / file-size limit) where {path} lives"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        todo = f"check that this user may write to {path} and that its filesystem is not mounted read-only"
+    else:
+        todo = f"check the disk that holds {path}"
+    where = f" ({err.filename})" if err.filename else ""
+    return f"could not write {what} of store {path}: {reason}{where}; {todo}, then rerun the same command"
 
 
 class StoreConfig(BaseModel):
@@ -155,6 +178,9 @@ class FeatureStore:
             raise StoreError(f"{path} is not a Zarr group: {err}") from err
         version = group.attrs.get("schema_version")
         missing = [name for name in ("dino_features", "latents", *ROW_ARRAYS) if name not in group]
+        if version is None and "dino_features" in group:
+            raise StoreError(f"{path} is a feature store whose creation was interrupted (it has no schema_version); "
+                             f"delete it and run again: every row of it was still pending")
         if version is None or missing:
             raise StoreError(f"{path} is not a feature store (missing: {missing or ['schema_version']})")
         if version != SCHEMA_VERSION:
@@ -222,12 +248,35 @@ class FeatureStore:
         if tuple(rows.features.shape[1:]) != expected:
             raise ValueError(f"features per video must be {expected}, got {tuple(rows.features.shape[1:])}")
         sl = slice(span.start, span.stop)
-        self.group["dino_features"][sl] = rows.features.astype(np.float16, copy=False)
-        self.group["latents"][sl] = rows.latents.astype(np.float16, copy=False)
-        self.group["error"][sl] = np.asarray(rows.error, dtype=object)
-        if rows.caption is not None:
-            self.group["caption"][sl] = np.asarray(rows.caption, dtype=object)
-        self.group["status"][sl] = rows.status.astype(np.uint8, copy=False)
+        try:
+            self._remove_partial_files(chunk)
+            self.group["dino_features"][sl] = rows.features.astype(np.float16, copy=False)
+            self.group["latents"][sl] = rows.latents.astype(np.float16, copy=False)
+            self.group["error"][sl] = np.asarray(rows.error, dtype=object)
+            if rows.caption is not None:
+                self.group["caption"][sl] = np.asarray(rows.caption, dtype=object)
+            self.group["status"][sl] = rows.status.astype(np.uint8, copy=False)
+        except OSError as err:  # status is written last: nothing of this chunk is committed
+            what = f"chunk {chunk} (rows {span.start}-{span.stop - 1}; they stay pending)"
+            raise StoreWriteError(describe_write_error(self.path, what, err)) from err
+
+    def _remove_partial_files(self, chunk: int) -> None:
+        """Remove the temporary `*.partial` files a killed writer of this chunk left behind.
+
+        zarr's local store writes each chunk file to `<key>.<uuid>.partial` and renames it into place; a process
+        killed in between leaves the temporary file. Only the writer that owns a chunk calls this, so no live
+        write of another process is touched.
+        """
+        if "://" in self.path:
+            return
+        root = Path(self.path)
+        for name in ("dino_features", "latents", *ROW_ARRAYS):
+            array = self.group[name]
+            key = array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+            target = root / name / key
+            for leftover in target.parent.glob(f"{target.name}.*.partial"):
+                log.info("removing %s, left by a writer that was stopped mid-write", leftover)
+                leftover.unlink(missing_ok=True)
 
     # ---- reporting --------------------------------------------------------------------------------
 

@@ -6,9 +6,11 @@ never tensors: frames travel from the decode workers to the encoder inside one t
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections import deque
@@ -24,7 +26,18 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
 from model.encoders import EncoderConfig, FrameEncoder, describe_encoders
-from storage.store import FAILED, OK, PENDING, ChunkRows, FeatureShapes, FeatureStore, StoreConfig, StoreError
+from storage.store import (
+    FAILED,
+    OK,
+    PENDING,
+    ChunkRows,
+    FeatureShapes,
+    FeatureStore,
+    StoreConfig,
+    StoreError,
+    StoreWriteError,
+    describe_write_error,
+)
 from tasks.decode import DecodeConfig, DecodePool
 from tasks.download import DownloadError, PermanentDownloadError, fetch, is_remote, redact_url
 from tasks.listing import Listing
@@ -89,12 +102,55 @@ def prepare_store(path: str, listing: Listing, config: PrecomputeConfig) -> Feat
     if "://" in path:
         return FeatureStore.create(path, **columns)
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.creating-", dir=final.parent))
-    shutil.rmtree(staging)
-    FeatureStore.create(staging, **columns)
-    os.replace(staging, final)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise StoreError(f"{final} exists and is not a feature store; choose another --store or remove it")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(final)
+        staging = Path(tempfile.mkdtemp(prefix=f"{staging_prefix(final)}{os.getpid()}-", dir=final.parent))
+    except OSError as err:
+        raise StoreWriteError(describe_write_error(str(final), "the new store", err)) from err
+    try:
+        shutil.rmtree(staging)
+        FeatureStore.create(staging, **columns)
+        os.replace(staging, final)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise StoreWriteError(describe_write_error(str(final), "the new store", err)) from err
+        raise
+    log.info("created store %s (%d videos)", final, len(videos))
     return FeatureStore.open(final, mode="r+")
+
+
+def staging_prefix(final: Path) -> str:
+    """Name prefix of the folders a new store is built in before it is renamed into place."""
+    return f".{final.name}.creating-{socket.gethostname()}-"
+
+
+def remove_stale_staging(final: Path) -> None:
+    """Remove the half-built stores of creators that were killed (their process on this host is gone).
+
+    A killed creator leaves its `.NAME.creating-HOST-PID-*` folder behind; one whose process still runs is
+    left alone (two runs creating one store at once: the second to finish reports that the store exists).
+    """
+    prefix = staging_prefix(final)
+    for folder in final.parent.glob(f"{glob.escape(prefix)}*"):
+        pid_text = folder.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        log.warning("removing %s: a run creating %s was stopped before it finished", folder, final)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def check_store_matches(store: FeatureStore, video_ids: list[str], encoder: dict[str, Any]) -> None:
@@ -295,8 +351,15 @@ def encode_chunks(store_path: str, chunks: list[int], config: PrecomputeConfig, 
     """Fill the given chunks of a store; rows already ok are kept, the rest are decoded and encoded.
 
     Chunks with nothing left to do are skipped, so a retried or restarted call only does what is missing.
+    The unit of work is a whole chunk (never a row range), so concurrent callers with disjoint chunk lists
+    never write the same file; a chunk index the store does not have is refused rather than skipped.
     """
     store = FeatureStore.open(store_path, mode="r+")
+    unknown = [c for c in chunks if not isinstance(c, (int, np.integer)) or not 0 <= c < store.num_chunks]
+    if unknown:
+        raise StoreError(f"store {store_path} has chunks 0-{store.num_chunks - 1} of {store.chunk_videos} rows; "
+                         f"asked for {unknown[:5]}: hand each worker whole chunk indices of this store")
+    chunks = list(dict.fromkeys(int(c) for c in chunks))
     todo = set(store.pending_chunks(config.retry_failed))
     return ChunkPipeline(store, config, fetch_fn).run([c for c in chunks if c in todo], on_chunk)
 
@@ -316,13 +379,23 @@ def split_chunks(chunks: list[int], parts: int) -> list[list[int]]:
 # ---- Prefect tasks -------------------------------------------------------------------------------------
 
 
+def retry_unless_store_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient failures, not StoreErrors: a full disk or a read-only store needs a person first."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - no exception to look at: keep the retry policy
+        return True
+    return not isinstance(error, StoreError)
+
+
 @task(name="fetch-sources", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NONE)
 def fetch_sources_task(urls: list[str], dest_dir: str) -> dict[str, dict[str, str | None]]:
     """Download one chunk's remote sources; a transient error fails the try so that Prefect retries it."""
     return fetch_sources(urls, dest_dir)
 
 
-@task(name="prepare-store", retries=1, retry_delay_seconds=5, cache_policy=NONE)
+@task(name="prepare-store", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_store_error,
+      cache_policy=NONE)
 def prepare_store_task(path: str, listing: Listing, config: PrecomputeConfig) -> list[int]:
     """Create the store at full size (or open it) and return the chunks that still have rows to do."""
     store = prepare_store(path, listing, config)
@@ -332,7 +405,8 @@ def prepare_store_task(path: str, listing: Listing, config: PrecomputeConfig) ->
     return pending
 
 
-@task(name="encode-chunks", retries=2, retry_delay_seconds=10, cache_policy=NONE)
+@task(name="encode-chunks", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_store_error,
+      cache_policy=NONE)
 def encode_chunks_task(store_path: str, chunks: list[int], config: PrecomputeConfig) -> dict[str, Any]:
     """Decode, encode, write and commit chunks of rows, with a progress artifact while it runs."""
     logger = get_run_logger()
