@@ -94,6 +94,7 @@ ISO_GENERAL = (
     r"(?:[Tt](?:(?P<h>\d+(?:\.\d*)?)[Hh])?(?:(?P<m>\d+(?:\.\d*)?)[Mm])?(?:(?P<s>\d+(?:\.\d*)?)[Ss])?)?$"
 )
 PLAIN_NUMBER = r"^(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"
+CLOCK = r"^(?:(?P<h>\d+):)?(?P<m>\d{1,2}):(?P<s>\d{1,2}(?:\.\d*)?)$"  # 0:22, 00:00:22, 1:02:03.5
 # Nothing but whitespace, separators, control and format characters (zero-width space, BOM): no caption.
 BLANK = r"^[\s\p{Z}\p{Cc}\p{Cf}]*$"
 SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*://"
@@ -516,7 +517,8 @@ def _number_or_null(text: pa.ChunkedArray, mask: pa.ChunkedArray) -> pa.ChunkedA
 
 
 def parse_durations(column: pa.ChunkedArray) -> np.ndarray:
-    """Seconds from numbers, numeric strings or ISO-8601 durations (PT00H00M22S, PT1M5.5S); NaN if unusable."""
+    """Seconds from numbers, numeric strings, ISO-8601 durations (PT00H00M22S, PT1M5.5S) or clock times
+    (00:00:22, 1:05.5); NaN if unusable."""
     kind = column.type
     if pa.types.is_dictionary(kind):
         column, kind = pc.cast(column, kind.value_type), kind.value_type
@@ -549,7 +551,20 @@ def _seconds_from_text(text: pa.ChunkedArray) -> pa.ChunkedArray:
     rest = pc.and_(pc.is_null(seconds), pc.fill_null(pc.starts_with(text, "P", ignore_case=True), False))
     if pc.any(rest).as_py():
         seconds = pc.coalesce(seconds, _iso_seconds(pc.if_else(rest, text, pa.scalar(None, pa.string()))))
+    clock = pc.and_(pc.is_null(seconds), pc.fill_null(pc.match_substring_regex(text, CLOCK), False))
+    if pc.any(clock).as_py():
+        seconds = pc.coalesce(seconds, _clock_seconds(pc.if_else(clock, text, pa.scalar(None, pa.string()))))
     return seconds
+
+
+def _clock_seconds(text: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Seconds of clock-style durations, [h:]mm:ss[.f] (what ffprobe and many exports print); null otherwise."""
+    groups = pc.extract_regex(text, CLOCK)
+    total = pa.scalar(0.0)
+    for name, scale in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        part = pc.struct_field(groups, name)
+        total = pc.add(total, pc.multiply(pc.fill_null(_number_or_null(part, pc.not_equal(part, "")), 0.0), scale))
+    return pc.if_else(pc.is_valid(groups), total, pa.scalar(None, pa.float64()))
 
 
 def _iso_seconds(text: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -326,6 +326,8 @@ def test_parse_durations():
     ]])  # fmt: skip
     expected = [22, 22, 65.5, 86401, 120, 22, 22.5, 0.5] + [np.nan] * 8 + [2]
     np.testing.assert_array_equal(parse_durations(text), expected)
+    clock = pa.chunked_array([["00:00:22", "0:22", "1:05.5", "01:02:03", " 00:00:30 ", "1:2:3:4", "12:", ":5", "a:bc"]])
+    np.testing.assert_array_equal(parse_durations(clock), [22, 22, 65.5, 3723, 30] + [np.nan] * 4)
     numbers = pa.chunked_array([[22, None, -1]], type=pa.int64())
     np.testing.assert_array_equal(parse_durations(numbers), [22.0, np.nan, np.nan])
 

@@ -32,12 +32,13 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 # Durations as a manifest may write them, with the seconds they mean (None: unusable).
 GOOD_DURATIONS = [(20, 20.0), (60, 60.0), (33.5, 33.5), ("45", 45.0), (" 22.5 ", 22.5), ("PT00H00M22S", 22.0),
-                  ("PT30S", 30.0), ("PT1M", 60.0), ("pt0h0m59.9s", 59.9), ("P0DT0H0M21S", 21.0), ("2.5e1", 25.0)]
+                  ("PT30S", 30.0), ("PT1M", 60.0), ("pt0h0m59.9s", 59.9), ("P0DT0H0M21S", 21.0), ("2.5e1", 25.0),
+                  ("00:00:22", 22.0), ("0:45.5", 45.5)]
 SHORT_DURATIONS = [(0, 0.0), (19.999, 19.999), ("PT5S", 5.0), ("PT00H00M07S", 7.0), ("0", 0.0)]
 LONG_DURATIONS = [(60.001, 60.001), (1e12, 1e12), ("PT24H", 86400.0), ("P365D", 365 * 86400.0), ("1e300", 1e300)]
 BAD_DURATIONS = [("", None), ("NaN", None), ("nan", None), ("-5", None), (-5, None), ("inf", None), ("-inf", None),
                  ("1e400", None), ("PT", None), ("P", None), ("PT1H2", None), ("P1Y", None), ("PT-5S", None),
-                 ("22 s", None), ("twenty", None), ("PT1.2.3S", None), ("00:00:22", None), (None, None)]
+                 ("22 s", None), ("twenty", None), ("PT1.2.3S", None), ("1:2:3:4", None), ("12:", None), (None, None)]
 BLANK_CAPTIONS = ["", "   ", "\t\n", "\u200b", "\u00a0\u2003", "\ufeff", "\x00", " \r\n "]
 # A CSV cell holding exactly one of these is missing (Arrow's and pandas' convention: R writes NA, SQL NULL).
 CSV_NULLS = set(pacsv.ConvertOptions().null_values)
