@@ -7,16 +7,19 @@ and a real read-only folder (chmod for a normal user; for root, who ignores perm
 mount in a private mount namespace).
 
 The killed runs drive the same plain functions the flow's tasks wrap (listing -> prepare_store ->
-encode_chunks) in a subprocess, so that 20 kills fit in a couple of minutes; the CLI (`fvlm precompute`, the
-flow on the session's Prefect server) is what the write-failure tests run, and `fvlm store info --json` is
-read between kills as a user would. This module is also the subprocess: `python -m
-tests.faults.test_precompute_faults MANIFEST STORE [CHUNK ...]` (see `main`).
+encode_chunks). So that 20 kills fit in about a minute, they are forked from a warm process that imported
+torch, prefect and diffusers once (`serve`): each run is its own process group, killed whole. The reference,
+the final rerun and the concurrent writers are fresh processes; the write-failure tests run the CLI (`fvlm
+precompute`, the flow on the session's Prefect server), and `fvlm store info --json` is read between kills
+as a user would. The existing tests/flows/test_precompute_flow.py kills the CLI itself.
+
+This module is also the subprocess: `python -m tests.faults.test_precompute_faults MANIFEST STORE [CHUNK ...]`
+runs one precompute (see `main`), `... --serve` the fork server.
 """
 
 from __future__ import annotations
 
 import csv
-import errno
 import hashlib
 import json
 import os
@@ -97,6 +100,13 @@ def main(argv: list[str]) -> int:
         todo = prepare_store(store, listing, config).pending_chunks()
     else:
         todo = [int(c) for c in chunks]
+    barrier = os.environ.get("FAULT_TEST_BARRIER")  # 'FOLDER:N': start writing together with N-1 others
+    if barrier:
+        folder, count = barrier.rsplit(":", 1)
+        Path(folder, f"ready-{os.getpid()}").touch()
+        deadline = time.monotonic() + 120
+        while len(list(Path(folder).glob("ready-*"))) < int(count) and time.monotonic() < deadline:
+            time.sleep(0.01)
     print("phase decode-encode", flush=True)
     store_module._fault_test_chunks = True
     started = time.time()
@@ -342,12 +352,18 @@ class Run:
     def wait_for(self, phase: str, count: int = 1, timeout: float = 120) -> bool:
         """Wait until `phase` has been entered `count` times; False when the run ended first."""
         deadline = time.monotonic() + timeout
+        errors, next_look = Path(f"{self.log}.stderr"), time.monotonic() + 0.1
         while time.monotonic() < deadline:
             seen = self.phases()
             if seen.count(phase) >= count:
                 return True
             if "done" in seen:
                 return False
+            if time.monotonic() > next_look:  # a run that crashed says so instead of timing out
+                next_look += 0.1
+                text = errors.read_text() if errors.exists() else ""
+                if "Traceback (most recent call last)" in text:
+                    raise AssertionError(f"run {self.pid} failed in {self.last}: {text[-3000:]}")
             time.sleep(0.001)
         raise AssertionError(f"run {self.pid} is stuck in {self.last} (aimed at {phase})")
 
@@ -484,6 +500,8 @@ def test_two_workers_on_disjoint_chunks_at_once_lose_nothing(workspace, referenc
     assert len(chunks) >= 4
     # interleaved, so that the two writers' chunks are neighbours all along the store
     parts = [chunks[0::2], chunks[1::2]]
+    (tmp_path / "barrier").mkdir()
+    env["FAULT_TEST_BARRIER"] = f"{tmp_path / 'barrier'}:2"  # both start writing at the same moment
     procs = [subprocess.Popen(driver(manifest, store, *part), env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for part in parts]
     outputs = [p.communicate(timeout=300) for p in procs]
