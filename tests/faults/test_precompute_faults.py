@@ -487,6 +487,36 @@ def test_a_kill_during_creation_is_cleaned_up_by_the_rerun(workspace, reference,
     assert_same_store(store, reference[0])
 
 
+CREATE_IN_PLACE = """
+import sys
+from storage.store import FeatureStore, StoreConfig
+ids = [f"v{i}" for i in range(40000)]
+FeatureStore.create(sys.argv[1], ids, ids, ids, [30.0] * len(ids), attrs={}, config=StoreConfig(chunk_videos=4))
+"""
+
+
+def test_a_store_killed_while_created_in_place_is_named_as_such(tmp_path):
+    """A store created in place (an fsspec URL has no rename) and killed before its attributes were set is
+    refused with a message that says what happened and what to do, not 'already exists' or a KeyError."""
+    store = tmp_path / "inplace.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", CREATE_IN_PLACE, str(store)], cwd=REPO_ROOT,
+                            env=subprocess_env(tmp_path), stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (store / "video_id" / "c").exists():  # the row columns are being written
+        assert proc.poll() is None and time.monotonic() < deadline, "the creation ended before it could be killed"
+        time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    from storage.store import StoreError
+
+    with pytest.raises(StoreError, match="creation was interrupted.*delete it and run again"):
+        FeatureStore.open(store)
+    shown = subprocess.run(cli("store", "info", str(store)), env=subprocess_env(tmp_path), cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 2 and "creation was interrupted" in shown.stderr, shown.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_two_workers_on_disjoint_chunks_at_once_lose_nothing(workspace, reference, tmp_path):
     """Two processes fill disjoint chunk lists of one store at the same time; the store equals the reference."""
