@@ -24,6 +24,9 @@ from tasks.precompute import (
     split_chunks,
     store_counts,
 )
+from tasks.runtime import send_logs_to_prefect
+
+send_logs_to_prefect()
 
 
 class ScaleOut(BaseModel):

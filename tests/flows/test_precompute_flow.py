@@ -111,6 +111,15 @@ def test_flow_fills_the_store_and_leaves_artifacts(collection, tmp_path, prefect
     assert by_type["progress"][0].data == 100.0
     table = next(a for a in by_type["table"] if a.key == "precompute-report")
     assert "dropped: too_short" in str(table.data) and "videos/s" in str(table.data)
+    if has_corrupt:  # the project's own warning reaches the run's logs in the UI, not only the local console
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        assert any("corrupt.mp4) failed:" in entry.message for entry in logs)
 
 
 def test_killed_run_resumes_to_the_same_store(collection, tmp_path, prefect_harness):
