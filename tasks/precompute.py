@@ -85,7 +85,7 @@ def prepare_store(path: str, listing: Listing, config: PrecomputeConfig) -> Feat
     videos = listing.videos
     if FeatureStore.exists(path):
         store = FeatureStore.open(path, mode="r+")
-        check_store_matches(store, videos["video_id"].tolist(), encoder)
+        check_store_matches(store, videos["video_id"].tolist(), encoder, listing.summary)
         return store
     if listing.videos.empty:
         raise StoreError(f"the listing of {listing.summary.get('manifest')} kept no videos: nothing to store")
@@ -153,19 +153,35 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def check_store_matches(store: FeatureStore, video_ids: list[str], encoder: dict[str, Any]) -> None:
-    """Refuse to continue a store that was made from another listing or with other encoders."""
-    stored = [str(v) for v in store.read_column("video_id")]
-    if stored != [str(v) for v in video_ids]:
-        extra = sorted(set(video_ids) - set(stored))[:3]
-        raise StoreError(
-            f"store {store.path} holds {len(stored)} videos of another listing (this listing keeps "
-            f"{len(video_ids)}; e.g. not in the store: {extra}); use a new --store or the same manifest and filters"
-        )
+def check_store_matches(store: FeatureStore, video_ids: list[str], encoder: dict[str, Any],
+                        summary: dict[str, Any] | None = None) -> None:
+    """Refuse to continue a store that was made from another listing or with other encoders.
+
+    The same manifest with the same bounds may keep a few other rows today than when the store was made (a
+    remote file that could not be probed then, or now): the store's rows stay what they are, with a warning that
+    says how many differ, since refusing would stop an unattended rerun for a transient network error.
+    """
     for key in ("dino", "vae"):
         want, have = encoder[key]["id"], store.attrs.get(key, {}).get("id")
         if want != have:
             raise StoreError(f"store {store.path} was encoded with {key} {have!r}, this run uses {want!r}")
+    stored = [str(v) for v in store.read_column("video_id")]
+    listed = [str(v) for v in video_ids]
+    if stored == listed:
+        return
+    made_from = store.attrs.get("listing", {})
+    same_listing = summary is not None and all(
+        made_from.get(key) == summary.get(key) for key in ("manifest", "min_duration_s", "max_duration_s"))
+    new, gone = sorted(set(listed) - set(stored)), sorted(set(stored) - set(listed))
+    if same_listing:
+        log.warning("store %s keeps its %d rows: this listing of the same manifest keeps %d the store does not "
+                    "have (e.g. %s) and drops %d it has (e.g. %s); use a new --store to include new rows",
+                    store.path, len(stored), len(new), new[:3], len(gone), gone[:3])
+        return
+    raise StoreError(
+        f"store {store.path} holds {len(stored)} videos of another listing (this listing keeps "
+        f"{len(listed)}; e.g. not in the store: {new[:3]}); use a new --store or the same manifest and filters"
+    )
 
 
 # ---- the chunk pipeline --------------------------------------------------------------------------------
