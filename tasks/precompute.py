@@ -196,6 +196,7 @@ class EncodeReport:
     chunks: int = 0
     videos_ok: int = 0
     videos_failed: int = 0
+    videos_deferred: int = 0  # left pending: their download kept failing in ways a later run may not
     seconds: float = 0.0
     failed_by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -206,6 +207,7 @@ class EncodeReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"chunks": self.chunks, "videos_ok": self.videos_ok, "videos_failed": self.videos_failed,
+                "videos_deferred": self.videos_deferred,
                 "seconds": round(self.seconds, 3), "videos_per_s": round(self.videos_per_s, 3),
                 "failed_by_reason": self.failed_by_reason}
 
@@ -225,8 +227,9 @@ def fetch_sources(urls: list[str], dest_dir: str) -> dict[str, dict[str, str | N
 class _ScheduledChunk:
     chunk: int
     rows: list[int]  # rows of this chunk to do (not ok yet)
-    errors: dict[int, str]  # rows that failed before decoding (download)
+    errors: dict[int, str]  # rows that failed before decoding (a permanent download error)
     downloads: list[str]  # fetched files to remove after commit
+    deferred: dict[int, str] = field(default_factory=dict)  # rows left as they are: transient download errors
 
 
 class ChunkPipeline:
@@ -284,14 +287,21 @@ class ChunkPipeline:
         retry = {PENDING, FAILED} if self.config.retry_failed else {PENDING}
         rows = [r for r in span if self.status[r] in retry]
         errors: dict[int, str] = {}
+        deferred: dict[int, str] = {}
         local = {r: str(self.sources[r]) for r in rows}
         remote = sorted({src for src in local.values() if is_remote(src)})
         downloads: list[str] = []
         if remote:
             try:
                 fetched = self.fetch_fn(remote)
-            except DownloadError as err:  # retries exhausted: these rows fail, the run goes on
-                fetched = {url: {"path": None, "error": f"download failed: {err}"} for url in remote}
+            except DownloadError as err:
+                # Retries exhausted on a network error, a timeout, a 5xx: not the videos' fault. Their rows are
+                # left as they are (pending) for the next run; the rest of the chunk goes on.
+                fetched = {}
+                deferred = {r: f"download failed: {err}" for r, src in local.items() if src in remote}
+                for r in deferred:
+                    local.pop(r)
+                rows = [r for r in rows if r not in deferred]
             for r, src in list(local.items()):
                 if src in fetched:
                     if fetched[src]["error"]:
@@ -302,7 +312,7 @@ class ChunkPipeline:
         for r in rows:
             if r not in errors:
                 pool.submit(str(r), local[r])
-        return _ScheduledChunk(chunk, rows, errors, downloads)
+        return _ScheduledChunk(chunk, rows, errors, downloads, deferred)
 
     def _finish(self, pool: DecodePool, encoder: FrameEncoder, item: _ScheduledChunk, report: EncodeReport) -> None:
         errors = dict(item.errors)
@@ -322,10 +332,13 @@ class ChunkPipeline:
         if not self.config.keep_downloads:
             for path in item.downloads:
                 Path(path).unlink(missing_ok=True)
-        self.bar.update(len(item.rows))
+        self.bar.update(len(item.rows) + len(item.deferred))
         report.chunks += 1
         report.videos_ok += len(decoded)
         report.videos_failed += len(errors)
+        report.videos_deferred += len(item.deferred)
+        for r, reason in sorted(item.deferred.items()):
+            log.warning("row %d (%s) left for the next run: %s", r, redact_url(str(self.sources[r])), reason)
         for reason in errors.values():
             report.failed_by_reason[reason] = report.failed_by_reason.get(reason, 0) + 1
         for r, reason in sorted(errors.items()):

@@ -49,3 +49,60 @@ def test_other_encoders_are_refused_even_with_the_same_rows(tmp_path):
     group.attrs["dino"] = {**group.attrs["dino"], "id": "facebook/dinov2-small"}  # as a full-preset run made it
     with pytest.raises(StoreError, match="was encoded with dino 'facebook/dinov2-small', this run uses 'demo:"):
         prepare_store(path, listing(["a", "b"]), CONFIG)
+
+
+def test_a_download_that_keeps_failing_leaves_its_row_pending_for_the_next_run(tmp_path, caplog):
+    """A 503 after the retries is not the video's fault: its row stays pending (not failed), the rest of its
+    chunk is committed, and the next run, once the server is back, fills it."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from storage.store import OK, PENDING
+    from tasks.decode import DecodeConfig
+    from tasks.precompute import encode_chunks
+    from tasks.samples import make_video
+
+    www = tmp_path / "www"
+    www.mkdir()
+    make_video(www / "remote.mp4", 21, fps=2, size=(64, 48), seed=3)
+    server_down = threading.Event()
+    server_down.set()
+
+    class Flaky(SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            if server_down.is_set():
+                self.send_error(503, "overloaded")
+            else:
+                super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Flaky, directory=str(www)))
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/remote.mp4"
+    for i in range(2):
+        make_video(tmp_path / f"local{i}.mp4", 21, fps=2, size=(64, 48), seed=i)
+    rows = listing(["local0", "local1", "remote"])
+    rows.videos["source"] = [str(tmp_path / "local0.mp4"), str(tmp_path / "local1.mp4"), url]
+    config = CONFIG.model_copy(update={"decode": DecodeConfig(workers=1), "download_dir": str(tmp_path / "dl")})
+    path = str(tmp_path / "s.zarr")
+    try:
+        store = prepare_store(path, rows, config)
+        with caplog.at_level(logging.WARNING, logger="tasks.precompute"):
+            report = encode_chunks(path, store.pending_chunks(), config)
+        store = FeatureStore.open(path)
+        assert list(store.read_status()) == [OK, OK, PENDING] and store.failures() == []
+        assert report.videos_ok == 2 and report.videos_failed == 0 and report.videos_deferred == 1
+        assert "left for the next run: download failed" in caplog.text and "503" in caplog.text
+        before = store.read_chunk(0).features[:2].copy()
+
+        server_down.clear()
+        report = encode_chunks(path, FeatureStore.open(path).pending_chunks(), config)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    store = FeatureStore.open(path)
+    assert list(store.read_status()) == [OK, OK, OK] and report.videos_ok == 1
+    assert (store.read_chunk(0).features[:2] == before).all()  # the rows done before are kept as they were
