@@ -14,6 +14,7 @@ picked again.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -62,14 +63,26 @@ class CheckpointStore:
         final = self.path_for(step)
         fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=self.run_dir)
         try:
+            # Serialised in memory first: torch.save reports a failed write as an opaque RuntimeError ("enforce
+            # fail ... unexpected pos"), a plain file write as the OSError it is (disk full, read-only).
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            data = buffer.getbuffer()
             with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            _write_atomic(digest_path(final), f"{file_sha256(Path(tmp))}  {final.name}\n")
+            _write_atomic(digest_path(final), f"{hashlib.sha256(data).hexdigest()}  {final.name}\n")
+            del data
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError):  # disk full, file-size limit, read-only: the older checkpoints are intact
+                raise CheckpointError(
+                    f"could not write checkpoint {final.name} in {self.run_dir}: {err.strerror or err}; free disk "
+                    f"space or check that the folder is writable, then run again: it resumes from "
+                    f"{self.latest().name if self.latest() else 'the start'}"
+                ) from err
             raise
         _fsync_dir(self.run_dir)
         self.prune()
@@ -169,11 +182,15 @@ def _read_digest(checkpoint: Path) -> str | None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _set_aside(path: Path) -> None:

@@ -108,6 +108,38 @@ def test_a_history_line_torn_by_a_kill_is_skipped_and_the_next_record_lands_whol
     assert result.chunk == 2 and [h["step"] for h in read_history(tmp_path)] == [4, 8]
 
 
+# ---- write failures ---------------------------------------------------------------------------------------
+
+FULL_DISK_DRIVER = """
+import resource, signal, sys
+import torch
+from tasks.training import TrainConfig, train_chunk
+config = TrainConfig.model_validate_json(open(sys.argv[3]).read())
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+train_chunk(sys.argv[1], sys.argv[2], config)
+"""
+
+
+def test_a_full_disk_at_a_checkpoint_is_a_clear_error_and_the_older_checkpoints_stay(store, tmp_path):
+    """A real write failure: the process's file-size limit makes the checkpoint write fail like a full disk."""
+    config = tiny_config(max_steps_per_chunk=4)
+    train_chunk(store, tmp_path, config)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    config_file = tmp_path.parent / f"{tmp_path.name}-config.json"
+    config_file.write_text(config.model_dump_json())
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FVLM_PROGRESS": "0"}
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_DRIVER, store, str(tmp_path), str(config_file)],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert run.returncode != 0
+    assert "could not write checkpoint checkpoint-000000008.pt" in run.stderr and "File too large" in run.stderr
+    assert "free disk space" in run.stderr and "resumes from checkpoint-000000004.pt" in run.stderr
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after.keys() - {".lock"} == before.keys() - {".lock"}  # no temporary file, no new checkpoint
+    assert all(after[name] == data for name, data in before.items() if name != ".lock")
+    assert train_chunk(store, tmp_path, config).start_step == 4  # with room again it goes on from there
+
+
 # ---- stores made for something else ---------------------------------------------------------------------
 
 
