@@ -169,6 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from storage.store import StoreError
     from tasks.listing import ManifestError
 
+    user_errors: tuple[type[BaseException], ...] = (StoreError, ManifestError, FileNotFoundError)
+    if args.command in ("train", "demo"):  # (imports torch: only for the commands that train)
+        from storage.checkpoints import CheckpointError
+        from storage.runlock import RunLockedError
+        from tasks.training import StoreMismatchError
+
+        user_errors += (StoreMismatchError, CheckpointError, RunLockedError)
+
     handlers = {"precompute": run_precompute, "store": run_store, "prefect": run_prefect}
     from flows.cli_train import run_demo, run_train
 
@@ -178,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bar instead of through it
             return handlers[args.command](args)
-    except (StoreError, ManifestError, FileNotFoundError) as err:
-        log.error("%s", err)
+    except user_errors as err:
+        log.error("%s", err)  # what is wrong and what to do, without a traceback
         return 2
 
 

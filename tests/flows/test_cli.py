@@ -77,3 +77,13 @@ def test_bad_manifest_is_refused_with_the_file_and_column(tmp_path, prefect_harn
     assert run.returncode == 2
     assert str(manifest) in run.stderr and "contentUrl" in run.stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_train_on_a_store_of_another_preset_says_why_in_one_line(demo, tmp_path):
+    root, _, env = demo
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--store", str(root / "features.zarr"),
+                          "--run-dir", str(tmp_path / "run"), "--preset", "full", "--max-chunks", "1"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert "does not match the training config" in last and "dino: store has 'demo:tiny-dinov2'" in last
