@@ -3,6 +3,7 @@
 #   make demo          the whole pipeline on generated videos, on a CPU (a few minutes)
 #   make test          the test suite (no GPU, no network)
 #   make test-fast     without the slow end-to-end tests
+#   make test-faults   the fault-injection and bad-input suites (kills, full disks, damaged files, fuzzed input)
 #   make bench         the CPU benchmarks (precompute, loader, train step, listing)
 #
 # GPU hosts: `make setup TORCH="torch==2.14.1"` (or any CUDA build of torch >= 2.4 installed first).
@@ -13,7 +14,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-faults bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -v tests/faults tests/tasks/test_listing_fuzz.py tests/tasks/test_bad_videos.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/precompute.py
