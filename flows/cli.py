@@ -173,9 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("train", "demo"):  # (imports torch: only for the commands that train)
         from storage.checkpoints import CheckpointError
         from storage.runlock import RunLockedError
-        from tasks.training import StoreMismatchError
+        from tasks.training import StoreMismatchError, TrainingDivergedError
 
-        user_errors += (StoreMismatchError, CheckpointError, RunLockedError)
+        user_errors += (StoreMismatchError, CheckpointError, RunLockedError, TrainingDivergedError)
 
     handlers = {"precompute": run_precompute, "store": run_store, "prefect": run_prefect}
     from flows.cli_train import run_demo, run_train

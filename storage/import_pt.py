@@ -47,8 +47,11 @@ def load_seed_file(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
         raise SeedFileError(f"{path.name}: dino_features {tuple(features.shape)} and latents "
                             f"{tuple(latents.shape)} are not (T, N, D) and (T, C, H, W) with the same T")
     caption = sample.get("caption", "")
-    return (features.to(torch.float16).numpy(), latents.to(torch.float16).numpy(),
-            caption if isinstance(caption, str) else str(caption))
+    features16, latents16 = features.to(torch.float16), latents.to(torch.float16)
+    for name, values in (("dino_features", features16), ("latents", latents16)):
+        if not torch.isfinite(values).all():  # NaN/inf (or beyond float16's range) would poison training batches
+            raise SeedFileError(f"{path.name}: {name} has NaN or inf values (in float16)")
+    return features16.numpy(), latents16.numpy(), caption if isinstance(caption, str) else str(caption)
 
 
 def _shapes_from(files: list[Path]) -> FeatureShapes:

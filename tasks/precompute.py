@@ -184,6 +184,8 @@ def check_store_matches(store: FeatureStore, video_ids: list[str], encoder: dict
     )
 
 
+NON_FINITE = "encoder output has NaN or inf values (a float16 overflow?); rerun on float32 or check the frames"
+
 # ---- the chunk pipeline --------------------------------------------------------------------------------
 
 FetchFn = Callable[[list[str]], dict[str, dict[str, str | None]]]
@@ -365,8 +367,16 @@ class ChunkPipeline:
             per_video = shapes.frames
             for i, r in enumerate(order):
                 j = r - span.start
-                rows.features[j] = features[i * per_video:(i + 1) * per_video]
-                rows.latents[j] = latents[i * per_video:(i + 1) * per_video]
+                video_features = features[i * per_video:(i + 1) * per_video]
+                video_latents = latents[i * per_video:(i + 1) * per_video]
+                if not (np.isfinite(video_features).all() and np.isfinite(video_latents).all()):
+                    # A half-precision overflow (the SD-VAE is known for it) would poison every batch that
+                    # draws this row: a failed row, never an ok one.
+                    decoded.pop(r)
+                    errors[r] = NON_FINITE
+                    continue
+                rows.features[j] = video_features
+                rows.latents[j] = video_latents
                 rows.status[j], rows.error[j] = OK, ""
         for r, reason in errors.items():
             j = r - span.start

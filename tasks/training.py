@@ -40,6 +40,10 @@ class StoreMismatchError(ValueError):
     """The store was not made for this training config; the message lists every difference."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss or the weights became NaN/inf; nothing after the last good checkpoint was saved."""
+
+
 class WandbConfig(BaseModel):
     """Where metrics go besides the log."""
 
@@ -349,7 +353,7 @@ def _train_chunk_locked(store_path: str, run_dir: Path, config: TrainConfig, res
     seconds = time.monotonic() - started
     # Saved once per step: the loop may just have saved this one, or a resumed finished run has it already.
     saved = trainer.step in checkpoints.steps()
-    checkpoint = checkpoints.path_for(trainer.step) if saved else checkpoints.save(trainer.state(), trainer.step)
+    checkpoint = checkpoints.path_for(trainer.step) if saved else save_if_finite(trainer, checkpoints)
     evaluation = evaluate(trainer, store_path, eval_rows)
     with eager():
         pictures = save_attention_pictures(
@@ -406,12 +410,17 @@ def _loop(trainer: Trainer, batches: Iterator[dict[str, Any]], checkpoints: Chec
         trainer.position = trainer.position.advanced(batch)
         window.add(metrics, features.shape[0])
         if trainer.step % config.log_every == 0:
-            sink.log_train(window.summary(), trainer.scheduler.get_last_lr()[0], trainer.step)
+            summary = window.summary()
+            if not (math.isfinite(summary["loss_fine"]) and math.isfinite(summary["loss_coarse"])):
+                raise_diverged(trainer, checkpoints, f"the mean loss of steps {trainer.step - window.steps + 1}-"
+                                                     f"{trainer.step} is {summary['loss_fine']} (fine), "
+                                                     f"{summary['loss_coarse']} (coarse)")
+            sink.log_train(summary, trainer.scheduler.get_last_lr()[0], trainer.step)
             bar.set_postfix(step=trainer.step, ratio=f"{sink.last_train['ratio']:.3f}", refresh=False)
             window.reset()
         bar.update(min(int(time.monotonic() - started), bar.total) - bar.n)
         if trainer.step % config.checkpoint_every == 0:
-            checkpoints.save(trainer.state(), trainer.step)
+            save_if_finite(trainer, checkpoints)
         if trainer.step >= config.total_steps:
             return "total_steps"
         if chunk_end is not None and trainer.step >= chunk_end:
@@ -469,6 +478,28 @@ def _accumulate(trainer: Trainer, features: torch.Tensor, latents: torch.Tensor)
     trainer.scaler.update()
     trainer.scheduler.step()
     return totals
+
+
+def save_if_finite(trainer: Trainer, checkpoints: CheckpointStore) -> Path:
+    """Checkpoint, unless a weight is NaN/inf: a diverged model is never saved over the good ones.
+
+    One device sync per checkpoint (the check of every parameter), nothing per step.
+    """
+    params = [p.detach() for p in trainer.model.parameters()]
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+    if not bool(finite):
+        raise_diverged(trainer, checkpoints, "some weights are NaN or inf")
+    return checkpoints.save(trainer.state(), trainer.step)
+
+
+def raise_diverged(trainer: Trainer, checkpoints: CheckpointStore, what: str) -> None:
+    latest = checkpoints.latest()
+    raise TrainingDivergedError(
+        f"training diverged at step {trainer.step}: {what}; nothing was saved after "
+        f"{latest.name if latest else 'the start'}. Lower the learning rate (lr {trainer.config.lr:g}) or raise "
+        f"warmup, or check the store for rows with NaN/inf values, then run again: it resumes from "
+        f"{latest.name if latest else 'the start'}"
+    )
 
 
 def eager():

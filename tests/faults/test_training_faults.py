@@ -140,6 +140,36 @@ def test_a_full_disk_at_a_checkpoint_is_a_clear_error_and_the_older_checkpoints_
     assert train_chunk(store, tmp_path, config).start_step == 4  # with room again it goes on from there
 
 
+# ---- divergence -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log_every, caught_by", [(2, r"the mean loss of steps .* is nan \(fine\), nan \(coarse\)"),
+                                                  (1000, "some weights are NaN or inf")])
+def test_a_row_of_infinities_stops_the_chunk_before_it_saves_nan_weights(tmp_path, log_every, caught_by):
+    """A store row with inf features (what an fp16 encoder overflow writes) makes the loss NaN: the chunk stops
+    at the next log line, or at the next checkpoint when that comes first, with an error that names the step
+    and the last good checkpoint, and saves nothing."""
+    import numpy as np
+
+    from storage.store import FeatureStore
+    from tasks.training import TrainingDivergedError
+
+    path = make_tiny_store(tmp_path / "s.zarr", videos=40)
+    train_chunk(path, tmp_path / "run", tiny_config(max_steps_per_chunk=4))  # a good checkpoint at step 4
+    store = FeatureStore.open(path, mode="r+")
+    rows = store.read_chunk(0)
+    rows.features[:] = np.inf  # every row of the first chunk: some batch of the next steps draws one
+    store.write_chunk(0, rows)
+    with pytest.raises(TrainingDivergedError, match=rf"diverged at step \d+: {caught_by}; nothing was saved after "
+                                                    r"checkpoint-000000004.pt"):
+        train_chunk(path, tmp_path / "run", tiny_config(max_steps_per_chunk=40, log_every=log_every))
+    checkpoints = CheckpointStore(tmp_path / "run")
+    for step in checkpoints.steps():
+        state = checkpoints.load(checkpoints.path_for(step))
+        assert all(torch.isfinite(v).all() for v in state["model"].values()), step
+    assert [h["step"] for h in read_history(tmp_path / "run")] == [4]
+
+
 # ---- stores made for something else ---------------------------------------------------------------------
 
 

@@ -60,6 +60,21 @@ def test_bad_files_become_failed_rows_and_the_rest_is_kept(tmp_path):
     assert "shapes" in errors[3]
 
 
+def test_files_with_nan_inf_or_values_beyond_float16_become_failed_rows(tmp_path):
+    expected = write_seed_folder(tmp_path / "pt", n=4)
+    for name, key, value in (("vid001", "latents", float("nan")), ("vid002", "dino_features", 1e6)):
+        sample = dict(expected[name])
+        sample[key] = sample[key].float().clone()
+        sample[key][0, 0, 0] = value  # 1e6 is finite in float32 but inf once stored as float16
+        torch.save(sample, tmp_path / "pt" / f"{name}.pt")
+    import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", StoreConfig(chunk_videos=2))
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    failures = {f["video_id"]: f["error"] for f in store.failures()}
+    assert failures == {"vid001": "vid001.pt: latents has NaN or inf values (in float16)",
+                        "vid002": "vid002.pt: dino_features has NaN or inf values (in float16)"}
+    assert store.counts()["ok"] == 2
+
+
 def test_rerun_only_does_what_is_missing_and_refuses_another_folder(tmp_path):
     write_seed_folder(tmp_path / "pt", n=4)
     import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", StoreConfig(chunk_videos=2))

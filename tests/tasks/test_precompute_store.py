@@ -106,3 +106,35 @@ def test_a_download_that_keeps_failing_leaves_its_row_pending_for_the_next_run(t
     store = FeatureStore.open(path)
     assert list(store.read_status()) == [OK, OK, OK] and report.videos_ok == 1
     assert (store.read_chunk(0).features[:2] == before).all()  # the rows done before are kept as they were
+
+
+def test_an_encoder_output_with_infinities_is_a_failed_row_not_an_ok_one(tmp_path, monkeypatch):
+    """Simulated half-precision overflow: the encoder returns inf for the frames of one video (the SD-VAE in
+    float16 does this on some images). That row fails with the reason; the others of its batch are ok."""
+    import numpy as np
+
+    from model.encoders import FrameEncoder
+    from storage.store import FAILED, OK
+    from tasks.decode import DecodeConfig
+    from tasks.precompute import NON_FINITE, encode_chunks
+    from tasks.samples import make_video
+
+    encode = FrameEncoder.encode
+
+    def overflowing(self, frames):
+        features, latents = encode(self, frames)
+        latents[24:48] = np.inf  # the second video of the batch
+        return features, latents
+
+    monkeypatch.setattr(FrameEncoder, "encode", overflowing)
+    for i in range(3):
+        make_video(tmp_path / f"v{i}.mp4", 21, fps=2, size=(64, 48), seed=i)
+    rows = listing(["v0", "v1", "v2"])
+    rows.videos["source"] = [str(tmp_path / f"v{i}.mp4") for i in range(3)]
+    config = CONFIG.model_copy(update={"decode": DecodeConfig(workers=1)})
+    path = str(tmp_path / "s.zarr")
+    report = encode_chunks(path, prepare_store(path, rows, config).pending_chunks(), config)
+    store = FeatureStore.open(path)
+    assert list(store.read_status()) == [OK, FAILED, OK] and report.videos_failed == 1
+    assert store.failures()[0]["error"] == NON_FINITE
+    assert np.isfinite(store.read_chunk(0).latents.astype(np.float32)).all()  # nothing non-finite on disk
