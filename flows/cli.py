@@ -164,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault(PROGRESS_ENV, "1")  # progress bars on a terminal; flows run elsewhere stay quiet
+    # The temporary server started without PREFECT_API_URL would send usage telemetry; its heartbeat job also
+    # races the run's first writes to the server's SQLite file ("database is locked", a traceback on stderr).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # httpx logs every request at INFO, full URLs (with any query-string token) included.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from storage.store import StoreError
