@@ -5,7 +5,7 @@ durations, some blank captions and some duplicate ids, then runs `list_videos` o
 reports the child's time and peak memory. The last line of the output is JSON:
 {"rows": N, "seconds": s, "rows_per_s": r, "peak_mb": m, "kept": k}.
 
-    python benchmarks/listing.py --rows 10000000 --workdir /tmp/fvlm-bench
+    python benchmarks/listing.py --rows 10000000 --workdir fvlm-bench
 """
 
 import argparse

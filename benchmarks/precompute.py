@@ -16,7 +16,6 @@ Prints human lines and, last, one JSON line {"ours": .., "baseline": .., "ratio"
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -39,6 +38,7 @@ from storage.store import StoreConfig  # noqa: E402
 from tasks.decode import DecodeConfig  # noqa: E402
 from tasks.listing import ListingConfig, list_videos  # noqa: E402
 from tasks.precompute import PrecomputeConfig, encode_chunks, prepare_store  # noqa: E402
+from tasks.samples import write_manifest  # noqa: E402
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
@@ -58,12 +58,7 @@ def make_videos(folder: Path, count: int, size: str, fps: int, seed: int) -> Pat
                             "-t", str(seconds), "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
                             str(path)], check=True)
         rows.append({"videoid": path.stem, "contentUrl": path.name, "duration": seconds, "name": f"test {i}"})
-    manifest = folder / "manifest.csv"
-    with manifest.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(folder / "manifest.csv", rows)
 
 
 def resize_crop(image: Image.Image, size: int) -> np.ndarray:

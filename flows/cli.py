@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from tasks.runtime import PROGRESS_ENV
+
 log = logging.getLogger("fvlm")
-PROGRESS_ENV = "FVLM_PROGRESS"  # read by tasks.runtime.progress_bar
 
 
 def _add_precompute(sub: argparse._SubParsersAction) -> None:

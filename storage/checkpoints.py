@@ -78,10 +78,11 @@ class CheckpointStore:
         except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
             if isinstance(err, OSError):  # disk full, file-size limit, read-only: the older checkpoints are intact
+                latest = self.latest()
                 raise CheckpointError(
                     f"could not write checkpoint {final.name} in {self.run_dir}: {err.strerror or err}; free disk "
                     f"space or check that the folder is writable, then run again: it resumes from "
-                    f"{self.latest().name if self.latest() else 'the start'}"
+                    f"{latest.name if latest else 'the start'}"
                 ) from err
             raise
         _fsync_dir(self.run_dir)
@@ -154,7 +155,7 @@ def describe_load_error(err: BaseException) -> str:
     global the file wanted to import); that line is what goes into logs and failure reasons."""
     text = str(err)
     if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
-        lines = [line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line]
+        lines = [line.strip() for line in text.splitlines() if "global" in line.lower()]
         point = lines[0].rstrip(".") if lines else text.splitlines()[0]
         return f"refused by weights-only loading, the file holds more than tensors and plain data ({point})"
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]

@@ -7,10 +7,10 @@ import os
 import sys
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
-PROGRESS_ENV = "FVLM_PROGRESS"  # set to 1 by the command line
+PROGRESS_ENV = "FVLM_PROGRESS"  # set to 1 by the command line (this module stays light for it: torch is imported
+#                                 where a device is resolved)
 
 
 def progress_bar(**kwargs: Any) -> tqdm:
@@ -24,6 +24,8 @@ def progress_bar(**kwargs: Any) -> tqdm:
 
 def resolve_device(name: str = "auto") -> str:
     """'auto' picks the first GPU when there is one; anything else is checked and returned as is."""
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():

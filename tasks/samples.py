@@ -21,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import imageio_ffmpeg
 import numpy as np
@@ -275,6 +276,16 @@ def caption(thing: MovingObject) -> str:
     return f"a {thing.colour} {thing.shape} bouncing around a textured background"
 
 
+def write_manifest(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """A WebVid-style CSV of `rows` (the columns of the first row, in its order); returns its path."""
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def make_demo_collection(folder: str | Path, n_videos: int = 32, seed: int = 0,
                          size: tuple[int, int] = (160, 120), fps: float = 5) -> Path:
     """Write a WebVid-style collection (videos/ and manifest.csv) into `folder`; returns the manifest path.
@@ -314,11 +325,7 @@ def make_demo_collection(folder: str | Path, n_videos: int = 32, seed: int = 0,
             "videoid": video_id, "contentUrl": relative, "duration": iso_duration(durations[i]),
             "name": "" if i == blank else caption(thing), "page_dir": "demo",
         })
-    manifest = folder / "manifest.csv"
-    with manifest.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["videoid", "contentUrl", "duration", "name", "page_dir"])
-        writer.writeheader()
-        writer.writerows(rows)
+    manifest = write_manifest(folder / "manifest.csv", rows)
     log.info("demo collection: %d rows in %s (%.1f s)", len(rows), manifest, time.perf_counter() - started)
     return manifest
 

@@ -163,6 +163,10 @@ class Trainer:
     graphed: bool = False  # the LLM runs as CUDA graphs: each step marks a new graph iteration
     micro_batches: int = 1  # each batch runs in this many parts with gradient accumulation (doubled on OOM)
 
+    def micro_batch(self, batch: int) -> int:
+        """Samples per forward pass for a batch of `batch` samples."""
+        return -(-batch // self.micro_batches)
+
     @property
     def autocast(self) -> torch.autocast:
         use_bf16 = self.config.bf16 and self.device.type == "cuda"
@@ -367,7 +371,7 @@ def _train_chunk_locked(store_path: str, run_dir: Path, config: TrainConfig, res
         samples_per_s=samples / seconds if seconds > 0 else 0.0, train=sink.last_train, eval=evaluation,
         checkpoint=str(checkpoint), wandb_run_id=trainer.wandb_run_id, stopped_by=stopped_by,
         pictures=[str(p) for p in pictures], resumed_from=source,
-        micro_batch=-(-config.loader.batch_size // trainer.micro_batches),
+        micro_batch=trainer.micro_batch(config.loader.batch_size),
     )
     append_history(run_dir, {"chunk": chunk, "step": trainer.step, **evaluation,
                              "train": sink.last_train, "samples_per_s": result.samples_per_s,
@@ -448,11 +452,11 @@ def _optimizer_step(trainer: Trainer, features: torch.Tensor, latents: torch.Ten
                     f"out of memory at step {trainer.step} even with a micro-batch of one sample: the model does "
                     f"not fit this device (free the GPU, or use a smaller model preset)"
                 ) from err
-            before = -(-batch // trainer.micro_batches)
+            before = trainer.micro_batch(batch)
             trainer.micro_batches = min(batch, trainer.micro_batches * 2)
             log.warning("out of memory at step %d with micro-batch %d: now %d micro-batches of %d with gradient "
                         "accumulation (effective batch %d unchanged)", trainer.step, before, trainer.micro_batches,
-                        -(-batch // trainer.micro_batches), batch)
+                        trainer.micro_batch(batch), batch)
 
 
 def _accumulate(trainer: Trainer, features: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -494,11 +498,11 @@ def save_if_finite(trainer: Trainer, checkpoints: CheckpointStore) -> Path:
 
 def raise_diverged(trainer: Trainer, checkpoints: CheckpointStore, what: str) -> None:
     latest = checkpoints.latest()
+    last_good = latest.name if latest else "the start"
     raise TrainingDivergedError(
-        f"training diverged at step {trainer.step}: {what}; nothing was saved after "
-        f"{latest.name if latest else 'the start'}. Lower the learning rate (lr {trainer.config.lr:g}) or raise "
-        f"warmup, or check the store for rows with NaN/inf values, then run again: it resumes from "
-        f"{latest.name if latest else 'the start'}"
+        f"training diverged at step {trainer.step}: {what}; nothing was saved after {last_good}. Lower the "
+        f"learning rate (lr {trainer.config.lr:g}) or raise warmup, or check the store for rows with NaN/inf "
+        f"values, then run again: it resumes from {last_good}"
     )
 
 

@@ -19,7 +19,6 @@ runs one precompute (see `main`), `... --serve` the fork server.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -194,7 +193,7 @@ def run_driver(manifest: Path, store: Path, env: dict, *chunks: int) -> subproce
 
 def write_collection(folder: Path, corrupt: Path | None) -> Path:
     """Twelve short clips inside 20-60 s, a file that is not a video, and (when present) a corrupt mp4."""
-    from tasks.samples import iso_duration, make_video
+    from tasks.samples import iso_duration, make_video, write_manifest
 
     rows = []
     for i in range(12):
@@ -210,12 +209,7 @@ def write_collection(folder: Path, corrupt: Path | None) -> Path:
         shutil.copy(corrupt, folder / "videos" / "corrupt.mp4")
         rows.insert(8, {"videoid": "corrupt", "contentUrl": "videos/corrupt.mp4", "duration": "PT00H00M25S",
                         "name": "a corrupt file with a believable duration"})
-    manifest = folder / "manifest.csv"
-    with manifest.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["videoid", "contentUrl", "duration", "name"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(folder / "manifest.csv", rows)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ concurrency limit, and the zombie-run automation.
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import socket
@@ -323,7 +322,7 @@ class FlakySource:
 
 def write_collection(folder: Path, remote_url: str) -> Path:
     """Five local videos and one served over HTTP (kept, 20-60 s), and one too short (dropped)."""
-    from tasks.samples import iso_duration, make_video
+    from tasks.samples import iso_duration, make_video, write_manifest
 
     rows = []
     for i, seconds in enumerate([21, 24, 27, 30, 33, 12]):
@@ -332,12 +331,7 @@ def write_collection(folder: Path, remote_url: str) -> Path:
         rows.append({"videoid": f"v{i}", "contentUrl": name, "duration": iso_duration(seconds), "name": f"clip {i}"})
     make_video(folder / "served" / "remote.mp4", 22, fps=2, size=(64, 48), seed=9)
     rows.append({"videoid": "remote", "contentUrl": remote_url, "duration": iso_duration(22), "name": "served"})
-    manifest = folder / "manifest.csv"
-    with manifest.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(folder / "manifest.csv", rows)
 
 
 def wait_for_final(server: PrefectServer, client, run_id, timeout_s: float, related: Callable[[], list]):

@@ -1,7 +1,6 @@
 """The precompute flow end to end: real videos, real decoding, the demo encoders, a real Zarr store, a real
 Prefect server (the session's test harness)."""
 
-import csv
 import os
 import shutil
 import signal
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from storage.store import FAILED, OK, PENDING, FeatureStore
-from tasks.samples import iso_duration, make_video
+from tasks.samples import iso_duration, make_video, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +32,7 @@ def write_collection(folder: Path, shared_videos: Path | None) -> Path:
         shutil.copy(shared_videos / "decord_corrupted.mp4", folder / "videos" / "corrupt.mp4")
         rows.append({"videoid": "corrupt", "contentUrl": "videos/corrupt.mp4", "duration": "PT00H00M25S",
                      "name": "a corrupt file with a believable duration"})
-    manifest = folder / "manifest.csv"
-    with manifest.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["videoid", "contentUrl", "duration", "name"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_manifest(folder / "manifest.csv", rows)
 
 
 @pytest.fixture(scope="module")
