@@ -115,12 +115,23 @@ def prepare_store(path: str, listing: Listing, config: PrecomputeConfig) -> Feat
         FeatureStore.create(staging, **columns)
         os.replace(staging, final)
     except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         if isinstance(err, OSError):
             raise StoreWriteError(describe_write_error(str(final), "the new store", err)) from err
         raise
     log.info("created store %s (%d videos)", final, len(videos))
     return FeatureStore.open(final, mode="r+")
+
+
+def remove_tree(folder: Path, attempts: int = 20) -> None:
+    """Remove a half-built store. zarr writes a group's files concurrently and does not cancel the other writes
+    when one fails, so a file can appear while the folder is being removed: try again until it is gone."""
+    for _ in range(attempts):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            return
+        time.sleep(0.05)
+    log.warning("could not remove %s; the next run creating this store removes it", folder)
 
 
 def staging_prefix(final: Path) -> str:
@@ -254,8 +265,7 @@ class ChunkPipeline:
         if device == "cpu":
             # The decode workers need the cores too: OpenMP threads that outnumber free cores spin and stall.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - self.config.decode.workers))
-        todo = sum(int((self.status[self.store.chunk_rows(c).start:self.store.chunk_rows(c).stop] != OK).sum())
-                   for c in chunks)
+        todo = sum(int((self.status[self.store.chunk_rows(c)] != OK).sum()) for c in chunks)
         self.bar = progress_bar(total=todo, unit="video", desc="precompute")
         try:
             with DecodePool(self.config.decode) as pool:
@@ -348,7 +358,10 @@ class ChunkPipeline:
 
     def _chunk_rows(self, item: _ScheduledChunk, decoded: dict[int, np.ndarray], errors: dict[int, str],
                     encoder: FrameEncoder) -> ChunkRows:
-        """Assemble the whole chunk: rows done now, plus rows committed by an earlier run."""
+        """Assemble the whole chunk: rows done now, plus rows committed by an earlier run.
+
+        A video whose encoder output is not finite moves from `decoded` to `errors` (the caller counts both).
+        """
         span = self.store.chunk_rows(item.chunk)
         shapes = self.store.shapes
         if any(self.status[r] == OK for r in span):
