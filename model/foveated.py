@@ -141,7 +141,11 @@ class EfficientFoveatedModel(nn.Module):
         """
         B = features.shape[0]
         z, attention = query_attention(self.query_proj(queries), features)  # (B, T, D), (B, T, N)
-        inputs = torch.cat([token.expand(B, 1, -1).to(z.dtype), self.dino_to_llm(z)], dim=1)  # (B, 1+T, H)
+        # The LLM input stays in the parameters' dtype (float32) under bf16 autocast, as in the reference, where
+        # torch.cat promotes to the float32 token. Llama adds each bf16 sublayer output to this residual stream: a
+        # bf16 input would round the whole stream to bf16, two to four times the error of h (see the tests).
+        visual_inputs = self.dino_to_llm(z).to(token.dtype)  # (B, T, H)
+        inputs = torch.cat([token.expand(B, 1, -1), visual_inputs], dim=1)  # (B, 1+T, H)
         # Last hidden state only: no output_hidden_states, no KV cache.
         hidden = self.llm(inputs_embeds=inputs, use_cache=False).last_hidden_state  # (B, 1+T, H)
         visual = hidden[:, 1:]  # (B, T, H): position t has seen frames 0..t
