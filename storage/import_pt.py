@@ -81,6 +81,10 @@ def import_pt_folder(folder: str | os.PathLike, store_path: str | os.PathLike, c
         shapes = _shapes_from(files)
         attrs = {
             "frame_size": None, "resize": "unknown (imported)", "encoder_preset": "full",
+            # The seed's precompute_dino.py keeps 24 of the first 72 frames; its files do not say so themselves.
+            "sampling": {"mode": "window", "window_frames": 72, "frames": shapes.frames,
+                         "rule": "imported .pt files, assumed made by the seed's precompute_dino.py (24 of the "
+                                 "first 72 frames); seconds between frames unknown"},
             "dino": {"id": dino_id, "revision": None, "tokens": shapes.tokens, "dim": shapes.feature_dim},
             "vae": {"id": vae_id, "revision": None, "scaling_factor": 0.18215,
                     "latent_shape": list(shapes.latent_shape)},

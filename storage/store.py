@@ -7,6 +7,10 @@ Layout (DESIGN.md):
     status         (V,) uint8                 0 pending, 1 ok, 2 failed; the commit mark
     video_id, caption, source, error  (V,) str
     duration_s     (V,) float32
+    frame_interval_s (V,) float32             mean seconds between the row's stored frames (NaN: unknown)
+
+Schema 2 added `frame_interval_s` and the `sampling` attribute (which frames of a video a row keeps: the seed's
+window of the first 72 frames, or spread over the whole video).
 
 Why it is written the way it is: two writers touching the same chunk lose data and concurrent resizes lose
 rows, so one process creates every array at full size, each writer owns whole chunk-aligned row ranges and
@@ -35,10 +39,10 @@ from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PENDING, OK, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", OK: "ok", FAILED: "failed"}
-ROW_ARRAYS = ("status", "video_id", "caption", "source", "error", "duration_s")
+ROW_ARRAYS = ("status", "video_id", "caption", "source", "error", "duration_s", "frame_interval_s")
 
 
 class StoreError(RuntimeError):
@@ -90,6 +94,7 @@ class ChunkRows:
     status: np.ndarray  # (n,) uint8
     error: list[str]
     caption: list[str] | None = None  # only when captions are learnt while writing (import of .pt files)
+    frame_interval_s: np.ndarray | None = None  # (n,) float32 seconds between stored frames; None: left as is
 
 
 class FeatureStore:
@@ -145,7 +150,8 @@ class FeatureStore:
         feature_array("dino_features", (shapes.frames, shapes.tokens, shapes.feature_dim))
         feature_array("latents", (shapes.frames, *shapes.latent_shape))
         group.create_array("status", shape=(n,), chunks=(k,), dtype="uint8", fill_value=PENDING)
-        group.create_array("duration_s", shape=(n,), chunks=(k,), dtype="float32", fill_value=float("nan"))
+        for name in ("duration_s", "frame_interval_s"):
+            group.create_array(name, shape=(n,), chunks=(k,), dtype="float32", fill_value=float("nan"))
         for name in ("video_id", "caption", "source", "error"):
             group.create_array(name, shape=(n,), chunks=(k,), dtype=str, fill_value="")
 
@@ -184,7 +190,9 @@ class FeatureStore:
         if version is None or missing:
             raise StoreError(f"{path} is not a feature store (missing: {missing or ['schema_version']})")
         if version != SCHEMA_VERSION:
-            raise StoreError(f"{path} has store schema {version}; this code reads schema {SCHEMA_VERSION}")
+            why = (" (schema 2 records which frames a row keeps: the seed's 72-frame window or the whole video; "
+                   "precompute a new store)" if version == 1 else "")
+            raise StoreError(f"{path} has store schema {version}; this code reads schema {SCHEMA_VERSION}{why}")
         return cls(group, path)
 
     @classmethod
@@ -236,6 +244,7 @@ class FeatureStore:
             latents=np.asarray(self.group["latents"][sl]),
             status=np.asarray(self.group["status"][sl], dtype=np.uint8),
             error=[str(e) for e in self.group["error"][sl]],
+            frame_interval_s=np.asarray(self.group["frame_interval_s"][sl], dtype=np.float32),
         )
 
     def write_chunk(self, chunk: int, rows: ChunkRows) -> None:
@@ -255,6 +264,8 @@ class FeatureStore:
             self.group["error"][sl] = np.asarray(rows.error, dtype=object)
             if rows.caption is not None:
                 self.group["caption"][sl] = np.asarray(rows.caption, dtype=object)
+            if rows.frame_interval_s is not None:
+                self.group["frame_interval_s"][sl] = np.asarray(rows.frame_interval_s, dtype=np.float32)
             self.group["status"][sl] = rows.status.astype(np.uint8, copy=False)
         except OSError as err:  # status is written last: nothing of this chunk is committed
             what = f"chunk {chunk} (rows {span.start}-{span.stop - 1}; they stay pending)"
@@ -307,8 +318,17 @@ class FeatureStore:
             return None
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
 
+    def frame_spacing(self) -> dict[str, Any]:
+        """Seconds between the stored frames of ok rows (median, min, max), and how many rows know theirs."""
+        values = self.read_column("frame_interval_s")[self.read_status() == OK].astype(np.float64)
+        known = values[np.isfinite(values)]
+        if known.size == 0:
+            return {"median_s": None, "min_s": None, "max_s": None, "rows": 0}
+        return {"median_s": round(float(np.median(known)), 4), "min_s": round(float(known.min()), 4),
+                "max_s": round(float(known.max()), 4), "rows": int(known.size)}
+
     def info(self) -> dict[str, Any]:
-        """Counts, failures grouped by reason, the listing summary, sizes and attributes."""
+        """Counts, failures grouped by reason, the listing summary, frame spacing, sizes and attributes."""
         counts = self.counts()
         failures = self.failures()
         by_reason: dict[str, int] = {}
@@ -327,6 +347,8 @@ class FeatureStore:
             "failures": failures,
             "failed_by_reason": by_reason,
             "listing": self.attrs.get("listing", {}),
+            "sampling": self.attrs.get("sampling"),
+            "frame_interval": self.frame_spacing(),
             "sizes": {
                 "disk_bytes": disk,
                 "feature_bytes_per_video": per_video,

@@ -72,12 +72,13 @@ def draw_attention(maps: dict[str, np.ndarray], frames: np.ndarray | None, title
     return canvas
 
 
-def source_frames(source: str, stored_frames: int, used: np.ndarray, size: int) -> np.ndarray | None:
-    """The frames the features came from, when the source video can still be read."""
+def source_frames(source: str, stored_frames: int, used: np.ndarray, size: int,
+                  window: int | None) -> np.ndarray | None:
+    """The frames the features came from (chosen as the store chose them), when the source video can still be read."""
     if "://" in source or not Path(source).is_file():
         return None
     try:
-        clip = decode_clip(source, frames=stored_frames, size=size)
+        clip = decode_clip(source, frames=stored_frames, size=size, window=window)
     except DecodeError as err:
         log.info("attention picture without frames: %s", err)
         return None
@@ -94,6 +95,8 @@ def save_attention_pictures(model: EfficientFoveatedModel, store_path: str, rows
     sources = store.read_column("source")
     out_dir.mkdir(parents=True, exist_ok=True)
     frame_size = int(store.attrs.get("frame_size") or 256)
+    sampling = store.attrs.get("sampling") or {}
+    window = sampling.get("window_frames") if sampling.get("mode") == "window" else None
     paths = []
     was_training = model.training
     model.eval()
@@ -101,7 +104,8 @@ def save_attention_pictures(model: EfficientFoveatedModel, store_path: str, rows
         features = torch.from_numpy(np.asarray(store.group["dino_features"][row])[used])  # (T, N, D)
         maps = model.attention_maps(features[None].to(device))
         arrays = {name: m[0].float().cpu().numpy() for name, m in maps.items()}
-        picture = draw_attention(arrays, source_frames(str(sources[row]), store.shapes.frames, used, frame_size),
+        frames_shown = source_frames(str(sources[row]), store.shapes.frames, used, frame_size, window)
+        picture = draw_attention(arrays, frames_shown,
                                  title=f"{ids[row]}  (top: static query; bottom: foveated query)")
         path = out_dir / f"{prefix}-{_safe(str(ids[row]))}.png"
         picture.save(path)

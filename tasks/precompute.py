@@ -38,7 +38,7 @@ from storage.store import (
     StoreWriteError,
     describe_write_error,
 )
-from tasks.decode import DecodeConfig, DecodePool
+from tasks.decode import DecodeConfig, DecodePool, describe_window
 from tasks.download import DownloadError, PermanentDownloadError, fetch, is_remote, redact_url
 from tasks.listing import Listing
 from tasks.runtime import progress_bar, resolve_device
@@ -69,7 +69,7 @@ def store_attributes(encoder: dict[str, Any], config: PrecomputeConfig, listing_
     return {
         "frame_size": config.encoder.frame_size,
         "resize": RESIZE_RULE,
-        "frame_sampling": "evenly spaced over the frames the file can be trusted for",
+        "sampling": config.decode.describe_sampling(),
         **encoder,
         "listing": listing_summary,
     }
@@ -85,7 +85,8 @@ def prepare_store(path: str, listing: Listing, config: PrecomputeConfig) -> Feat
     videos = listing.videos
     if FeatureStore.exists(path):
         store = FeatureStore.open(path, mode="r+")
-        check_store_matches(store, videos["video_id"].tolist(), encoder, listing.summary)
+        check_store_matches(store, videos["video_id"].tolist(), encoder, listing.summary,
+                            config.decode.describe_sampling())
         return store
     if listing.videos.empty:
         raise StoreError(f"the listing of {listing.summary.get('manifest')} kept no videos: nothing to store")
@@ -165,8 +166,8 @@ def _process_alive(pid: int) -> bool:
 
 
 def check_store_matches(store: FeatureStore, video_ids: list[str], encoder: dict[str, Any],
-                        summary: dict[str, Any] | None = None) -> None:
-    """Refuse to continue a store that was made from another listing or with other encoders.
+                        summary: dict[str, Any] | None = None, sampling: dict[str, Any] | None = None) -> None:
+    """Refuse to continue a store that was made from another listing, with other encoders or other frames.
 
     The same manifest with the same bounds may keep a few other rows today than when the store was made (a
     remote file that could not be probed then, or now): the store's rows stay what they are, with a warning that
@@ -176,6 +177,8 @@ def check_store_matches(store: FeatureStore, video_ids: list[str], encoder: dict
         want, have = encoder[key]["id"], store.attrs.get(key, {}).get("id")
         if want != have:
             raise StoreError(f"store {store.path} was encoded with {key} {have!r}, this run uses {want!r}")
+    if sampling is not None:
+        check_sampling_matches(store, sampling)
     stored = [str(v) for v in store.read_column("video_id")]
     listed = [str(v) for v in video_ids]
     if stored == listed:
@@ -192,6 +195,20 @@ def check_store_matches(store: FeatureStore, video_ids: list[str], encoder: dict
     raise StoreError(
         f"store {store.path} holds {len(stored)} videos of another listing (this listing keeps "
         f"{len(listed)}; e.g. not in the store: {new[:3]}); use a new --store or the same manifest and filters"
+    )
+
+
+def check_sampling_matches(store: FeatureStore, sampling: dict[str, Any]) -> None:
+    """Refuse to add rows whose frames are chosen otherwise than the store's (a rerun with another window)."""
+    have = store.attrs.get("sampling") or {}
+    keys = ("mode", "window_frames", "frames")
+    if all(have.get(k) == sampling.get(k) for k in keys):
+        return
+    raise StoreError(
+        f"store {store.path} keeps {describe_window(have)} of each video, this run asks for "
+        f"{describe_window(sampling)}; rows chosen two ways would mix two experiments: use a new --store, or "
+        f"--sampling {have.get('mode')}" + (f" --window-frames {have.get('window_frames')}"
+                                            if have.get("mode") == "window" else "")
     )
 
 
@@ -329,6 +346,7 @@ class ChunkPipeline:
     def _finish(self, pool: DecodePool, encoder: FrameEncoder, item: _ScheduledChunk, report: EncodeReport) -> None:
         errors = dict(item.errors)
         decoded: dict[int, np.ndarray] = {}
+        intervals: dict[int, float] = {}
         for r in item.rows:
             if r in errors:
                 continue
@@ -336,8 +354,8 @@ class ChunkPipeline:
             if result.error is not None:
                 errors[r] = result.error
             else:
-                decoded[r] = result.frames
-        rows = self._chunk_rows(item, decoded, errors, encoder)
+                decoded[r], intervals[r] = result.frames, result.interval_s
+        rows = self._chunk_rows(item, decoded, intervals, errors, encoder)
         self.store.write_chunk(item.chunk, rows)
         span = self.store.chunk_rows(item.chunk)
         self.status[span.start:span.stop] = rows.status
@@ -356,8 +374,8 @@ class ChunkPipeline:
         for r, reason in sorted(errors.items()):
             log.warning("row %d (%s) failed: %s", r, redact_url(str(self.sources[r])), reason)
 
-    def _chunk_rows(self, item: _ScheduledChunk, decoded: dict[int, np.ndarray], errors: dict[int, str],
-                    encoder: FrameEncoder) -> ChunkRows:
+    def _chunk_rows(self, item: _ScheduledChunk, decoded: dict[int, np.ndarray], intervals: dict[int, float],
+                    errors: dict[int, str], encoder: FrameEncoder) -> ChunkRows:
         """Assemble the whole chunk: rows done now, plus rows committed by an earlier run.
 
         A video whose encoder output is not finite moves from `decoded` to `errors` (the caller counts both).
@@ -372,6 +390,7 @@ class ChunkPipeline:
                 features=np.zeros((n, shapes.frames, shapes.tokens, shapes.feature_dim), np.float16),
                 latents=np.zeros((n, shapes.frames, *shapes.latent_shape), np.float16),
                 status=np.full(n, PENDING, np.uint8), error=[""] * n,
+                frame_interval_s=np.full(n, np.nan, np.float32),
             )
         if decoded:
             order = sorted(decoded)
@@ -390,10 +409,11 @@ class ChunkPipeline:
                     continue
                 rows.features[j] = video_features
                 rows.latents[j] = video_latents
+                rows.frame_interval_s[j] = intervals[r]
                 rows.status[j], rows.error[j] = OK, ""
         for r, reason in errors.items():
             j = r - span.start
-            rows.features[j], rows.latents[j] = 0, 0
+            rows.features[j], rows.latents[j], rows.frame_interval_s[j] = 0, 0, np.nan
             rows.status[j], rows.error[j] = FAILED, reason
         return rows
 
@@ -489,6 +509,8 @@ def precompute_table(info: dict[str, Any], reports: list[dict[str, Any]]) -> lis
     rows += [{"metric": f"failed: {reason}", "value": n} for reason, n in info["failed_by_reason"].items()]
     per_video = info["sizes"]["disk_bytes_per_ok_video"]
     rows.append({"metric": "bytes per ok video", "value": round(per_video) if per_video else None})
+    rows.append({"metric": f"frames kept: {describe_window(info.get('sampling') or {})}", "value": None})
+    rows.append({"metric": "median seconds between stored frames", "value": info["frame_interval"]["median_s"]})
     seconds = sum(r["seconds"] for r in reports)
     done = sum(r["videos_ok"] + r["videos_failed"] for r in reports)
     rows.append({"metric": "videos/s (this run)", "value": round(done / seconds, 3) if seconds else None})

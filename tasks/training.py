@@ -29,6 +29,7 @@ from storage.loader import LoaderConfig, LoaderPosition, eval_batches, make_trai
 from storage.runlock import RunLock
 from storage.store import FeatureStore
 from tasks.attention import save_attention_pictures
+from tasks.decode import describe_window
 from tasks.runtime import progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
@@ -350,7 +351,10 @@ def _train_chunk_locked(store_path: str, run_dir: Path, config: TrainConfig, res
         torch.manual_seed(config.seed)
         random.seed(config.seed)
     chunk = len(read_history(run_dir)) + 1
-    sink = metrics_sink or MetricsSink.for_run(run_dir, config, trainer.wandb_run_id)
+    sampling = store_sampling(store)
+    log.info("store %s: %s", store_path, sampling["described"])
+    sink = metrics_sink or MetricsSink.for_run(run_dir, config, trainer.wandb_run_id,
+                                               data={"store": store_path, "sampling": sampling})
     start_step = trainer.step
     started = time.monotonic()
     stopped_by = _train_steps(trainer, store_path, train_rows, checkpoints, sink, started)
@@ -377,12 +381,23 @@ def _train_chunk_locked(store_path: str, run_dir: Path, config: TrainConfig, res
                              "train": sink.last_train, "samples_per_s": result.samples_per_s,
                              "seconds": result.seconds, "stopped_by": stopped_by,
                              "wandb_run_id": trainer.wandb_run_id, "pictures": result.pictures,
-                             "micro_batch": result.micro_batch,
+                             "micro_batch": result.micro_batch, "sampling": sampling,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     sink.log({f"eval/{k}": v for k, v in evaluation.items()}, trainer.step)
     if metrics_sink is None:
         sink.close()
     return result
+
+
+def store_sampling(store: FeatureStore) -> dict[str, Any]:
+    """Which frames of each video the store's rows keep and how far apart they are: a ratio measured on frames
+    0.1 s apart (the seed's window) and one on frames seconds apart are two experiments."""
+    sampling = dict(store.attrs.get("sampling") or {"mode": "unknown"})
+    sampling["median_interval_s"] = store.frame_spacing()["median_s"]
+    apart = (f"{sampling['median_interval_s']:.3f} s apart (median)" if sampling["median_interval_s"] is not None
+             else "spacing unknown")
+    sampling["described"] = f"{describe_window(sampling)}, {apart}"
+    return sampling
 
 
 def _train_steps(trainer: Trainer, store_path: str, train_rows, checkpoints: CheckpointStore,
@@ -548,7 +563,9 @@ class MetricsSink:
         self.last_train: dict[str, float] = {}
 
     @classmethod
-    def for_run(cls, run_dir: Path, config: TrainConfig, run_id: str) -> "MetricsSink":
+    def for_run(cls, run_dir: Path, config: TrainConfig, run_id: str,
+                data: dict[str, Any] | None = None) -> "MetricsSink":
+        """`data`: what the run trains on (store, frame sampling), kept in the wandb run's config beside the recipe."""
         mode = resolve_wandb_mode(config.wandb.mode)
         if mode == "disabled":
             return cls(None)
@@ -556,7 +573,8 @@ class MetricsSink:
 
         run = wandb.init(
             project=config.wandb.project, entity=config.wandb.entity, id=run_id, resume="allow",
-            dir=str(run_dir), mode=mode, config=config.model_dump(mode="json"), name=run_dir.name,
+            dir=str(run_dir), mode=mode, config={**config.model_dump(mode="json"), "data": data or {}},
+            name=run_dir.name,
             settings=wandb.Settings(console="off", silent=True),
         )
         return cls(run)

@@ -180,8 +180,8 @@ def test_a_store_of_another_schema_or_dtype_is_refused_with_the_difference(tmp_p
     from tasks.training import StoreMismatchError
 
     newer = make_tiny_store(tmp_path / "newer.zarr", videos=8)
-    zarr.open_group(newer, mode="r+").attrs["schema_version"] = 2
-    with pytest.raises(StoreError, match="has store schema 2; this code reads schema 1"):
+    zarr.open_group(newer, mode="r+").attrs["schema_version"] = 3
+    with pytest.raises(StoreError, match="has store schema 3; this code reads schema 2"):
         train_chunk(newer, tmp_path / "run", tiny_config(max_steps_per_chunk=2))
 
     wider = make_tiny_store(tmp_path / "wider.zarr", videos=8)

@@ -28,10 +28,10 @@ def test_colorize_is_a_dark_to_bright_ramp():
 def test_frames_are_drawn_under_the_heat_map_when_the_video_is_readable(tmp_path):
     video = make_video(tmp_path / "clip.mp4", 4, fps=6, size=(160, 120), pattern="gradient")
     used = frame_indices(24, 4)
-    frames = source_frames(str(video), 24, used, 64)
+    frames = source_frames(str(video), 24, used, 64, window=72)
     assert frames.shape == (4, 64, 64, 3)
-    assert source_frames(str(tmp_path / "gone.mp4"), 24, used, 64) is None
-    assert source_frames("https://example.org/v.mp4", 24, used, 64) is None
+    assert source_frames(str(tmp_path / "gone.mp4"), 24, used, 64, window=72) is None
+    assert source_frames("https://example.org/v.mp4", 24, used, 64, window=72) is None
     maps = {"coarse": np.full((4, 325), 1 / 325), "fine": np.eye(4, 325, k=1)}
     over = np.asarray(draw_attention(maps, frames, "t", tile=32))
     alone = np.asarray(draw_attention(maps, None, "t", tile=32))

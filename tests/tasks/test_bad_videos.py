@@ -22,27 +22,27 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from tasks.decode import DecodeConfig, DecodePool, decode_clip, sample_indices
+from tasks.decode import SEED_WINDOW_FRAMES, DecodeConfig, DecodePool, read_clip, window_indices
 from tasks.samples import make_vfr_video, make_video
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 TIMEOUT_S = 3.0  # per video in the pool; the hung one must end by it, every real decode here takes < 0.5 s
 
 
-def decode_or_hang(path, frames=24, size=256, num_threads=1):
+def decode_or_hang(path, frames=24, size=256, num_threads=1, window=SEED_WINDOW_FRAMES):
     """The real decode, except that files named hang* hang like decord does (issue 373): simulated."""
     if os.path.basename(path).startswith("hang"):
         time.sleep(3600)
-    return decode_clip(path, frames=frames, size=size, num_threads=num_threads)
+    return read_clip(path, frames=frames, size=size, num_threads=num_threads, window=window)
 
 
-def decode_and_report_memory(path, frames=24, size=256, num_threads=1):
+def decode_and_report_memory(path, frames=24, size=256, num_threads=1, window=SEED_WINDOW_FRAMES):
     """The real decode; then the worker's peak resident memory (MiB) is written next to the file.
 
     VmHWM, not getrusage's ru_maxrss: ru_maxrss survives the exec of a spawned worker, so it reports the pytest
     process the worker was forked from (gigabytes late in a full run); VmHWM belongs to the new address space.
     """
-    clip = decode_clip(path, frames=frames, size=size, num_threads=num_threads)
+    clip = read_clip(path, frames=frames, size=size, num_threads=num_threads, window=window)
     status = Path("/proc/self/status").read_text()
     peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
     Path(f"{path}.peak_mib").write_text(str(peak_kib / 1024))
@@ -80,8 +80,11 @@ FAILING = {
     "folder": ("folder.mp4", r"^cannot open: .*folder\.mp4 is a folder, not a video file$"),
     "missing": ("absent.mp4", r"^cannot open: no such file .*absent\.mp4$"),
     "hang": ("hang.mp4", rf"^decode timed out after {TIMEOUT_S:g} s$"),
+    # The seed drops a video with fewer frames than it keeps (24); so does the window rule.
+    "one_frame": ("one.mp4", r"^only 1 frames of the video decode, fewer than the 24 a row keeps$"),
+    "two_frames": ("two.webm", r"^only 2 frames of the video decode, fewer than the 24 a row keeps$"),
 }
-PASSING = ["one_frame", "two_frames", "portrait", "rotated", "tiny", "vfr", "odd_size_rotated"]
+PASSING = ["portrait", "rotated", "tiny", "vfr", "odd_size_rotated", "long"]
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +106,17 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48", "-frames:v", "0", str(d / "empty_stream.mp4"))
     (d / "folder.mp4").mkdir()
     make_video(d / "hang.mp4", duration_s=1, fps=10, pattern="gradient")  # a fine file; decode_or_hang hangs on it
+    make_video(d / "one.mp4", duration_s=0.1, fps=10, pattern="gradient")
+    make_video(d / "two.webm", duration_s=0.2, fps=10, pattern="gradient")
     files = {kind: d / name for kind, (name, _) in FAILING.items()}
-    files |= {
-        "one_frame": make_video(d / "one.mp4", duration_s=0.1, fps=10, pattern="gradient"),
-        "two_frames": make_video(d / "two.webm", duration_s=0.2, fps=10, pattern="gradient"),
-        "portrait": make_video(d / "portrait.mp4", duration_s=2, fps=10, size=(240, 426), pattern="gradient"),
-        "rotated": make_video(d / "phone.mp4", duration_s=2, fps=10, size=(240, 320), pattern="gradient", rotate=90),
-        "tiny": make_video(d / "tiny.mkv", duration_s=1, fps=10, size=(16, 12), pattern="gradient"),
+    files |= {  # 3 s at 10 fps: 30 frames, enough for 24
+        "portrait": make_video(d / "portrait.mp4", duration_s=3, fps=10, size=(240, 426), pattern="gradient"),
+        "rotated": make_video(d / "phone.mp4", duration_s=3, fps=10, size=(240, 320), pattern="gradient", rotate=90),
+        "tiny": make_video(d / "tiny.mkv", duration_s=3, fps=10, size=(16, 12), pattern="gradient"),
         "vfr": make_vfr_video(d / "vfr.mp4", frames=50, fps=10, pattern="gradient"),
-        "odd_size_rotated": make_video(d / "odd.mov", duration_s=1, fps=10, size=(177, 321), pattern="gradient",
+        "odd_size_rotated": make_video(d / "odd.mov", duration_s=3, fps=10, size=(177, 321), pattern="gradient",
                                        rotate=270),
+        "long": make_video(d / "long.webm", duration_s=25, fps=10, size=(64, 48), pattern="gradient"),
     }
     return files
 
@@ -148,12 +152,15 @@ def test_each_bad_video_ends_ok_or_failed_with_its_reason_in_time(videos):
     assert all(r.seconds <= TIMEOUT_S + 1 for r in results.values())
     assert elapsed < TIMEOUT_S + 20  # the hang costs one timeout, not the batch
 
-    one = results["one_frame"].frames
-    assert all(np.array_equal(one[0], frame) for frame in one)  # a one-frame video: that frame 24 times
-    two = blue_levels(results["two_frames"].frames)
-    assert np.all(two[:12] < 20) and np.all(two[12:] > 235)  # frame 0 twelve times, then frame 1
-    expected = 255 * sample_indices(50, 24) / 49  # VFR: evenly spaced by frame index, each the right frame
-    np.testing.assert_allclose(blue_levels(results["vfr"].frames), expected, atol=6)
+    # VFR: the window is the file's 50 frames, the kept ones chosen by frame index, each the right frame; their
+    # spacing in seconds comes from the real timestamps (frame i is shown at (i + i^2 / 40) / 10 s).
+    kept = window_indices(50, 24)
+    np.testing.assert_allclose(blue_levels(results["vfr"].frames), 255 * kept / 49, atol=6)
+    shown = (kept + kept ** 2 / 40) / 10
+    assert results["vfr"].interval_s == pytest.approx((shown[-1] - shown[0]) / 23, rel=0.02)
+    # A 250-frame video: only its first 72 frames are the window, every third kept, 0.1 s apart at 10 fps.
+    np.testing.assert_allclose(blue_levels(results["long"].frames), 255 * window_indices(72, 24) / 249, atol=6)
+    assert results["long"].interval_s == pytest.approx(71 / 23 / 10, rel=0.01)
 
 
 @pytest.mark.slow
@@ -161,7 +168,7 @@ def test_each_bad_video_ends_ok_or_failed_with_its_reason_in_time(videos):
 def test_huge_resolutions_decode_in_bounded_time_and_memory(tmp_path, size):
     """4K and 8K: the decoder scales while decoding, so a worker holds about one full-size frame, not 24
     (24 RGB frames are 570 MiB at 4K and 2.3 GiB at 8K); measured here: about 200 MiB at 4K, 560 MiB at 8K."""
-    path = make_video(tmp_path / "huge.mp4", duration_s=0.6, fps=5, size=size, pattern="gradient")
+    path = make_video(tmp_path / "huge.mp4", duration_s=4.8, fps=5, size=size, pattern="gradient")  # 24 frames
     with DecodePool(DecodeConfig(workers=1, timeout_s=60), decode_fn=decode_and_report_memory) as pool:
         pool.submit("huge", str(path))
         result = pool.get("huge")
@@ -184,7 +191,7 @@ def test_bad_files_become_failed_rows_of_a_real_store_and_good_ones_ok(videos, t
     from tasks.listing import list_videos
 
     kinds = [k for k in FAILING] + PASSING
-    good = [make_video(tmp_path / f"good{i}.mp4", duration_s=2, fps=10, seed=i) for i in range(3)]
+    good = [make_video(tmp_path / f"good{i}.mp4", duration_s=3, fps=10, seed=i) for i in range(3)]
     rows = [{"videoid": kind, "contentUrl": str(videos[kind]), "duration": "PT00H00M30S", "name": kind}
             for kind in kinds]
     rows[3:3] = [{"videoid": p.stem, "contentUrl": str(p), "duration": 25, "name": "good"} for p in good]
