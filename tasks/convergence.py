@@ -23,6 +23,10 @@ class ConvergenceConfig(BaseModel):
     window: int = Field(4, ge=2, description="evaluations (one per chunk) the change is measured over")
     tolerance_pct: float = Field(0.5, gt=0, description="converged when the held-out ratio moves less than "
                                                         "this many percent over the window")
+    loss_tolerance_pct: float = Field(
+        1.0, gt=0, description="... and neither held-out loss fell by this many percent over the window: a ratio "
+                               "that sits at 1 while both losses still fall has not converged, the fine query "
+                               "may not have learnt to look yet")
     max_chunks: int | None = Field(12, ge=1, description="stop after this many chunks in the run folder")
     max_total_steps: int | None = Field(None, ge=1, description="stop once the run has trained this many steps")
     max_hours: float | None = Field(None, gt=0, description="stop once the chunks have trained this many hours")
@@ -55,6 +59,15 @@ def ratio_change_pct(ratios: list[float]) -> float:
     """Spread of the ratios relative to their mean, in percent: max - min over |mean|."""
     mean = sum(ratios) / len(ratios)
     return (max(ratios) - min(ratios)) / abs(mean) * 100.0 if mean else math.inf
+
+
+def loss_fall_pct(losses: list[float]) -> float:
+    """How much a loss fell from the first to the last evaluation of the window, in percent of the first
+    (negative when it rose)."""
+    return (losses[0] - losses[-1]) / abs(losses[0]) * 100.0 if losses[0] else -math.inf
+
+
+LOSSES = ("loss_fine", "loss_coarse")
 
 
 def decide(history: list[dict[str, Any]], config: ConvergenceConfig) -> Decision:
@@ -93,15 +106,24 @@ def _settled(history: list[dict[str, Any]], config: ConvergenceConfig) -> tuple[
     """(converged?, reason) once a decision can be made, else None."""
     if int(history[-1].get("step", 0)) < config.min_steps or len(history) < config.window:
         return None
-    ratios = [h.get("ratio") for h in history[-config.window:]]
-    if any(r is None or not math.isfinite(r) for r in ratios):
-        return False, f"the ratio is not finite in the last {config.window} evaluations"
-    change = ratio_change_pct(ratios)
-    if change < config.tolerance_pct:
-        return True, (f"ratio changed {change:.2f} % over the last {config.window} evaluations "
-                      f"< {config.tolerance_pct} %")
-    return False, (f"ratio changed {change:.2f} % over the last {config.window} evaluations "
-                   f">= {config.tolerance_pct} %")
+    recent = history[-config.window:]
+    values = {name: [h.get(name) for h in recent] for name in ("ratio", *LOSSES)}
+    broken = [name for name, seq in values.items() if any(v is None or not math.isfinite(v) for v in seq)]
+    if broken:
+        return False, f"the {broken[0].replace('_', ' ')} is not finite in the last {config.window} evaluations"
+    change = ratio_change_pct(values["ratio"])
+    over = f"over the last {config.window} evaluations"
+    if change >= config.tolerance_pct:
+        return False, f"ratio changed {change:.2f} % {over} >= {config.tolerance_pct} %"
+    falls = {name: loss_fall_pct(values[name]) for name in LOSSES}
+    falling = [name for name in LOSSES if falls[name] >= config.loss_tolerance_pct]
+    if falling:
+        still = " and ".join(f"{name} fell {falls[name]:.2f} %" for name in falling)
+        return False, (f"ratio changed {change:.2f} % {over} < {config.tolerance_pct} %, but {still} {over} "
+                       f">= {config.loss_tolerance_pct} %: still learning")
+    return True, (f"ratio changed {change:.2f} % {over} < {config.tolerance_pct} %, and the losses stopped falling "
+                  f"(loss_fine {0.0 - falls['loss_fine']:+.2f} %, loss_coarse {0.0 - falls['loss_coarse']:+.2f} %; "
+                  f"neither fell {config.loss_tolerance_pct} %)")
 
 
 def read_state(run_dir: str | Path) -> dict[str, Any]:

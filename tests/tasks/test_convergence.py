@@ -8,16 +8,43 @@ from tasks.convergence import ConvergenceConfig, decide, read_state, write_state
 RULE = ConvergenceConfig(min_steps=1000, window=4, tolerance_pct=0.5, max_chunks=20)
 
 
-def history(ratios, steps_per_chunk=500, seconds=600.0):
+def history(ratios, steps_per_chunk=500, seconds=600.0, fine=None):
+    """Chunk records; loss_fine follows `fine` (flat at 0.4 by default) and loss_coarse = ratio * loss_fine."""
+    fine = fine or [0.4] * len(ratios)
     return [{"chunk": i + 1, "step": (i + 1) * steps_per_chunk, "ratio": r, "improvement_pct": (r - 1) * 100,
-             "seconds": seconds} for i, r in enumerate(ratios)]
+             "loss_fine": f, "loss_coarse": r * f, "seconds": seconds} for i, (r, f) in enumerate(zip(ratios, fine))]
 
 
 def test_flat_ratio_converges_with_a_readable_reason():
     d = decide(history([1.05, 1.100, 1.101, 1.102, 1.1015]), RULE)
     assert d.done and d.converged
-    assert d.reason.startswith("ratio changed 0.18 % over the last 4 evaluations < 0.5 %")
+    assert d.reason == ("ratio changed 0.18 % over the last 4 evaluations < 0.5 %, and the losses stopped falling "
+                        "(loss_fine +0.00 %, loss_coarse +0.14 %; neither fell 1.0 %)")
     assert d.chunks_done == 5 and d.step == 2500 and d.ratio == pytest.approx(1.1015)
+
+
+def test_a_flat_start_with_falling_losses_continues_and_says_why():
+    """The ratio sits at 1.00 while both losses fall (the fine query has not learnt to look yet): not converged."""
+    falling = [0.60, 0.55, 0.50, 0.46, 0.43]
+    d = decide(history([1.000, 1.001, 1.000, 1.002, 1.001], fine=falling), RULE)
+    assert not d.done and not d.converged
+    assert d.reason == ("ratio changed 0.20 % over the last 4 evaluations < 0.5 %, but loss_fine fell 21.82 % and "
+                        "loss_coarse fell 21.82 % over the last 4 evaluations >= 1.0 %: still learning")
+    # the same flat ratio once the losses have stopped falling converges: the loss rule is what held it back
+    flat = decide(history([1.000, 1.001, 1.000, 1.002, 1.001], fine=[0.60, 0.43, 0.431, 0.429, 0.4305]), RULE)
+    assert flat.done and flat.converged and "the losses stopped falling" in flat.reason
+
+
+def test_one_loss_still_falling_is_enough_to_continue():
+    records = history([1.10, 1.10, 1.10, 1.10])
+    for i, record in enumerate(records):  # coarse falls 3 % while fine falls with it: the ratio stays put
+        record["loss_coarse"] = 0.44 * (1 - 0.01 * i)
+        record["loss_fine"] = record["loss_coarse"] / 1.10
+    records[-1]["loss_fine"] = records[0]["loss_fine"]  # ... except the last fine, back where it started
+    records[-1]["ratio"] = records[-1]["loss_coarse"] / records[-1]["loss_fine"]
+    d = decide(records, ConvergenceConfig(min_steps=0, window=4, tolerance_pct=5.0, max_chunks=20))
+    assert not d.done and d.reason.endswith("but loss_coarse fell 3.00 % over the last 4 evaluations >= 1.0 %: "
+                                            "still learning")
 
 
 def test_rising_ratio_continues():
@@ -59,9 +86,13 @@ def test_the_schedule_end_stops_the_chain():
     assert d.done and not d.converged and "total steps" in d.reason
 
 
-def test_non_finite_ratio_never_converges():
+def test_non_finite_ratio_or_loss_never_converges():
     d = decide(history([1.1, float("nan"), 1.1, 1.1]), RULE)
-    assert not d.done and "not finite" in d.reason
+    assert not d.done and d.reason == "the ratio is not finite in the last 4 evaluations"
+    records = history([1.1] * 4)
+    del records[1]["loss_fine"]
+    d = decide(records, RULE)
+    assert not d.done and d.reason == "the loss fine is not finite in the last 4 evaluations"
 
 
 def test_a_budget_is_required():
