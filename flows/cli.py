@@ -188,8 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from storage.store import StoreError
     from tasks.listing import ManifestError
+    from tasks.samples import DemoCollectionError
 
-    user_errors: tuple[type[BaseException], ...] = (StoreError, ManifestError, FileNotFoundError)
+    user_errors: tuple[type[BaseException], ...] = (StoreError, ManifestError, FileNotFoundError,
+                                                    DemoCollectionError)
     if args.command in ("train", "demo"):  # (imports torch: only for the commands that train)
         from storage.checkpoints import CheckpointError
         from storage.runlock import RunLockedError

@@ -25,11 +25,19 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    from tasks.samples import DEMO_VIDEOS
+
     p = sub.add_parser("demo", help="the whole pipeline on generated videos, on a CPU, in a few minutes")
-    p.add_argument("--workdir", default="fvlm-demo", help="where the videos, store and run folder go")
-    p.add_argument("--videos", type=int, default=48, help="sample videos to generate")
+    p.add_argument("--workdir", default=None,
+                   help="where the videos, store and run folder go (default fvlm-demo; fvlm-demo-control with "
+                        "--control none)")
+    p.add_argument("--videos", type=int, default=DEMO_VIDEOS, help="sample videos to generate")
     p.add_argument("--max-minutes", type=float, default=0.75, help="wall-clock budget of each training chunk")
-    p.add_argument("--max-chunks", type=int, default=8, help="most training chunks")
+    p.add_argument("--max-chunks", type=int, default=6, help="most training chunks")
+    p.add_argument("--control", choices=["cue", "none"], default="cue",
+                   help="cue: videos where the foveated query can see what the next frame depends on (the ratio "
+                        "should end well above 1); none: the negative control, the same videos without the cue "
+                        "(the ratio should end at 1)")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -70,7 +78,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     out = demo_flow(workdir=args.workdir, videos=args.videos, max_minutes=args.max_minutes,
-                    max_chunks=args.max_chunks)
+                    max_chunks=args.max_chunks, control=args.control)
     root = Path(out["workdir"]).resolve()
     run_dir = root / "run"
     pictures = sorted((run_dir / "attention").glob("*.png"))

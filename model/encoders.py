@@ -1,8 +1,14 @@
 """Frame encoders: DINOv2 patch features and SD-VAE latents for batches of 256 x 256 RGB frames.
 
-`full` loads the real models (hub ids or local folders, for offline clusters); `demo` builds tiny randomly
-initialised models from configs, with the same output shapes (325 x 384 features, 4 x 32 x 32 latents), from a
-fixed seed so that two runs produce the same store.
+`full` loads the real models (hub ids or local folders, for offline clusters); `demo` builds stand-ins with the
+same output shapes (325 x 384 features, 4 x 32 x 32 latents) that cost a CPU little and keep what the demo's
+experiment needs, "where" and colour, from a fixed seed so that two runs produce the same store:
+- DINOv2 stand-in: transformers' Dinov2Model with no transformer layer, i.e. a seeded random patch embedding plus a
+  smooth 2-D sin-cos position code per patch, layer-normed. A query that matches the code of a place attends
+  there, as a fine query must in the demo.
+- SD-VAE stand-in: each latent pixel is a fixed mix of the mean colour of its 8 x 8 pixels, at about unit scale.
+  The tiny random AutoencoderKL used before ended in a GroupNorm, which removes a frame's overall colour: exactly
+  what the demo's next frame depends on.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEMO_DINO_ID = "demo:tiny-dinov2"
-DEMO_VAE_ID = "demo:tiny-sd-vae"
+DEMO_DINO_ID = "demo:sincos-dinov2"
+DEMO_VAE_ID = "demo:colour-vae"
 
 
 class EncoderLoadError(RuntimeError):
@@ -67,53 +73,121 @@ def _tiny_dino_config():
     )
 
 
-# Random position embeddings at the usual init (std 0.02) are ~25x weaker than random patch embeddings, so a
-# probe recovers a patch's position from its token with R^2 ~0.2; at std ~0.5 it is ~0.97, as with DINOv2.
-DEMO_POSITION_SCALE = 25.0
+# Each sin/cos entry is +-2: the position code of a patch is then about as long as the embedding of its colour
+# (the random patch embedding of a flat colour), so after the layer norm a token says both where and what.
+DEMO_POSITION_SCALE = 2.0
 
 
-def _tiny_vae_config() -> dict[str, Any]:
-    # Four blocks = three 2x downsamplings: 256 -> 32, like SD-VAE, with a handful of channels.
-    return dict(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(4, 4, 4, 4),
-        layers_per_block=0,  # downsampling convs only: 0.07 s instead of 0.3 s of CPU per video
-        latent_channels=4,
-        norm_num_groups=2,
-        sample_size=256,
-        mid_block_add_attention=False,
-        scaling_factor=0.18215,
-    )
+def sincos_position_codes(grid: int, dim: int, scale: float = DEMO_POSITION_SCALE) -> torch.Tensor:
+    """2-D sin-cos codes of a grid x grid patch grid, row-major: (grid * grid, dim).
+
+    Half the dims code the row, half the column, each as sin and cos at dim / 4 frequencies whose periods run
+    geometrically from 3 to 2.5 * grid patches: neighbouring patches have similar codes (smooth), and the dot
+    product of two codes peaks where they are the same patch, so one query vector can single out a place.
+    """
+    if dim % 4:
+        raise ValueError(f"dim must be a multiple of 4, got {dim}")
+    periods = np.geomspace(3.0, 2.5 * grid, dim // 4)
+    angles = np.arange(grid)[:, None] * (2 * np.pi / periods)[None, :]  # (grid, dim / 4)
+    axis = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)  # (grid, dim / 2)
+    rows, cols = np.repeat(axis, grid, axis=0), np.tile(axis, (grid, 1))  # (grid * grid, dim / 2) each
+    return torch.tensor(scale * np.concatenate([rows, cols], axis=1), dtype=torch.float32)
+
+
+def build_demo_dino(seed: int) -> torch.nn.Module:
+    """The DINOv2 stand-in: a seeded random patch embedding, sin-cos position codes, no transformer layer."""
+    from transformers import Dinov2Model
+
+    config = _tiny_dino_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dino = Dinov2Model(config)
+    grid = config.image_size // config.patch_size
+    with torch.no_grad():
+        dino.embeddings.position_embeddings[0, 0] = 0.0  # the CLS token has no place
+        dino.embeddings.position_embeddings[0, 1:] = sincos_position_codes(grid, config.hidden_size, DEMO_POSITION_SCALE)
+    return dino
+
+
+class LatentEncoder(torch.nn.Module):
+    """What the store needs of a VAE: frames in [-1, 1] (b, 3, S, S) -> latents (b, C, S / downsampling, ...)."""
+
+    latent_channels: int
+    downsampling: int
+    scaling_factor: float
+
+
+class SDVAELatents(LatentEncoder):
+    """An AutoencoderKL's posterior mean times its scaling factor (SD-VAE: 0.18215), as the seed stores it."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.latent_channels = int(vae.config.latent_channels)
+        self.downsampling = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x).latent_dist.mean * self.scaling_factor
+
+
+# Luma, red-green, yellow-blue and red-cyan axes of RGB in [-1, 1], times 1.7: latents of about unit scale.
+DEMO_COLOUR_MIX = 1.7 * np.array([[0.577, 0.577, 0.577], [0.707, -0.707, 0.0], [0.408, 0.408, -0.816],
+                                  [0.5, -0.25, -0.25]])
+
+
+class ColourLatents(LatentEncoder):
+    """The SD-VAE stand-in: each latent pixel is a fixed mix of the mean colour of its 8 x 8 pixels."""
+
+    latent_channels, downsampling, scaling_factor = 4, 8, 1.0
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mix", torch.tensor(DEMO_COLOUR_MIX, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(x, self.downsampling)  # (b, 3, S / 8, S / 8)
+        return torch.einsum("oc,bchw->bohw", self.mix.to(x.dtype), pooled)  # (b, 4, S / 8, S / 8)
 
 
 def describe_encoders(config: EncoderConfig) -> dict[str, Any]:
     """What a store records about its encoders (training checks these), read from configs, not weights."""
+    if config.preset == "demo":
+        return _describe_demo_encoders(config)
     from diffusers import AutoencoderKL
     from transformers import Dinov2Config
 
-    if config.preset == "demo":
-        dino, vae = _tiny_dino_config().to_dict(), _tiny_vae_config()
-    else:
-        try:
-            dino = Dinov2Config.from_pretrained(config.dino, revision=config.dino_revision).to_dict()
-            vae = dict(AutoencoderKL.load_config(config.vae, revision=config.vae_revision))
-        except (OSError, ValueError) as err:
-            raise EncoderLoadError(f"cannot read the encoder configs of {config.dino!r} / {config.vae!r} "
-                                   f"(set EncoderConfig.dino / .vae to hub ids or local folders): {err}") from err
-    demo = config.preset == "demo"
+    try:
+        dino = Dinov2Config.from_pretrained(config.dino, revision=config.dino_revision).to_dict()
+        vae = dict(AutoencoderKL.load_config(config.vae, revision=config.vae_revision))
+    except (OSError, ValueError) as err:
+        raise EncoderLoadError(f"cannot read the encoder configs of {config.dino!r} / {config.vae!r} "
+                               f"(set EncoderConfig.dino / .vae to hub ids or local folders): {err}") from err
     latent_size = config.frame_size // 2 ** (len(vae["block_out_channels"]) - 1)
     return {
         "encoder_preset": config.preset,
-        "dino": {"id": config.dino_id, "revision": None if demo else config.dino_revision,
-                 "seed": config.seed if demo else None,
+        "dino": {"id": config.dino_id, "revision": config.dino_revision, "seed": None,
                  "tokens": (config.frame_size // dino["patch_size"]) ** 2 + 1, "dim": dino["hidden_size"],
                  "normalize": "imagenet"},
-        "vae": {"id": config.vae_id, "revision": None if demo else config.vae_revision,
-                "seed": config.seed if demo else None,
+        "vae": {"id": config.vae_id, "revision": config.vae_revision, "seed": None,
                 "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
                 "output": "latent_dist.mean * scaling_factor",
                 "latent_shape": [vae["latent_channels"], latent_size, latent_size]},
+    }
+
+
+def _describe_demo_encoders(config: EncoderConfig) -> dict[str, Any]:
+    dino = _tiny_dino_config()
+    latent_size = config.frame_size // ColourLatents.downsampling
+    return {
+        "encoder_preset": "demo",
+        "dino": {"id": DEMO_DINO_ID, "revision": None, "seed": config.seed,
+                 "tokens": (config.frame_size // dino.patch_size) ** 2 + 1, "dim": dino.hidden_size,
+                 "normalize": "imagenet", "positions": f"2-D sin-cos, x {DEMO_POSITION_SCALE:g}"},
+        "vae": {"id": DEMO_VAE_ID, "revision": None, "seed": None,
+                "scaling_factor": ColourLatents.scaling_factor,
+                "output": "fixed colour mix of the mean of each 8 x 8 block (model.encoders.ColourLatents)",
+                "latent_shape": [ColourLatents.latent_channels, latent_size, latent_size]},
     }
 
 
@@ -144,31 +218,21 @@ class FrameEncoder:
         self.device = torch.device(device)
         self.dtype = torch.float16 if (self.device.type == "cuda" and config.half_precision) else torch.float32
         if config.preset == "demo":
-            from diffusers import AutoencoderKL
-            from transformers import Dinov2Model
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                dino, vae = Dinov2Model(_tiny_dino_config()), AutoencoderKL(**_tiny_vae_config())
-                with torch.no_grad():
-                    dino.embeddings.position_embeddings.mul_(DEMO_POSITION_SCALE)
+            dino, vae = build_demo_dino(config.seed), ColourLatents()
         else:
             dino = _load_pretrained("DINOv2", config.dino, config.dino_revision, "--dino / EncoderConfig.dino")
-            vae = _load_pretrained("SD-VAE", config.vae, config.vae_revision, "--vae / EncoderConfig.vae")
+            vae = SDVAELatents(
+                _load_pretrained("SD-VAE", config.vae, config.vae_revision, "--vae / EncoderConfig.vae"))
         # channels_last is several times faster for the VAE's convolutions on CPUs and tensor cores alike.
-        self.dino = dino.eval().requires_grad_(False).to(self.device)
-        self.vae = vae.eval().requires_grad_(False).to(self.device, memory_format=torch.channels_last)
         # Weights may be stored in any precision; compute in float16 on a GPU, float32 on a CPU.
-        if self.dino.dtype != self.dtype:
-            self.dino = self.dino.to(dtype=self.dtype)
-        if self.vae.dtype != self.dtype:
-            self.vae = self.vae.to(dtype=self.dtype)
-        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.dino = dino.eval().requires_grad_(False).to(self.device, dtype=self.dtype)
+        self.vae = vae.eval().requires_grad_(False).to(self.device, dtype=self.dtype,
+                                                        memory_format=torch.channels_last)
+        self.scaling_factor = self.vae.scaling_factor
         self.tokens = (config.frame_size // self.dino.config.patch_size) ** 2 + 1
         self.feature_dim = int(self.dino.config.hidden_size)
-        self.latent_channels = int(self.vae.config.latent_channels)
-        downsampling = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_size = config.frame_size // downsampling
+        self.latent_channels = self.vae.latent_channels
+        self.latent_size = config.frame_size // self.vae.downsampling
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self._mean, self._std = mean, std
@@ -197,5 +261,5 @@ class FrameEncoder:
         dino_in = (x - self._mean.to(x.dtype)) / self._std.to(x.dtype)
         features = self.dino(pixel_values=dino_in).last_hidden_state  # (b, 325, 384)
         vae_in = (x * 2.0 - 1.0).contiguous(memory_format=torch.channels_last)  # VAE wants [-1, 1]
-        latents = self.vae.encode(vae_in).latent_dist.mean * self.scaling_factor  # (b, 4, 32, 32)
+        latents = self.vae(vae_in)  # (b, 4, 32, 32)
         return features, latents

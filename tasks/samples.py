@@ -1,6 +1,7 @@
 """Sample videos for the demo and the tests, rendered with numpy and encoded by the ffmpeg of imageio-ffmpeg.
 
-Two patterns:
+The demo's collection is made of `cue` videos (tasks/cue_scene.py: a positive control of the foveation gain), or
+of `cue_none` videos, its negative control. Two more patterns, for tests and benchmarks:
 - `moving_object`: a small bright disc or square moving at constant speed, bouncing off the borders, over a
   static smooth-noise texture. Predicting the next frame needs to know where the object is: where the model
   looks matters, which is what the demo's training should show.
@@ -16,9 +17,12 @@ write portrait videos (`rotate=90` is what a phone held upright writes; ffmpeg s
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +30,11 @@ from typing import Any
 import imageio_ffmpeg
 import numpy as np
 
+from tasks.cue_scene import SIZE, Control, CueScene, render_cue_video, state_of_frames
+
 log = logging.getLogger(__name__)
 
-PATTERNS = ("moving_object", "gradient")
+PATTERNS = ("moving_object", "gradient", "cue", "cue_none")
 # Default codec per suffix, and fast encoder settings (these are test and demo files, not archives).
 CODECS = {
     ".mp4": "libx264",
@@ -50,6 +56,13 @@ ROTATION_CONTAINERS = (".mp4", ".mov", ".mkv", ".webm")
 
 class SampleVideoError(RuntimeError):
     """A sample video could not be written (bad arguments or an ffmpeg failure)."""
+
+
+DEMO_VIDEOS = 640  # rows of the demo's manifest: about 510 kept videos, 400 to train on (fewer get memorised)
+
+
+class DemoCollectionError(ValueError):
+    """A folder already holds a demo collection made with other settings."""
 
 
 # ---- rendering ---------------------------------------------------------------------------------------
@@ -155,6 +168,11 @@ def render_frames(pattern: str, count: int, fps: float, width: int, height: int,
 
     The same array is yielded each time, overwritten in place (no allocation per frame): copy it to keep it.
     """
+    if pattern in ("cue", "cue_none"):
+        if (width, height) != (SIZE, SIZE):
+            raise SampleVideoError(f"{pattern} videos are {SIZE}x{SIZE}, got {width}x{height}")
+        yield from render_cue_video(seed, count, "cue" if pattern == "cue" else "none")[1]
+        return
     if pattern == "gradient":
         frame = gradient_frame(width, height)
         marker = frame.min(axis=-1) == 255  # (H, W) the white square, which stays white
@@ -271,11 +289,6 @@ def demo_durations(rng: np.random.Generator, n: int, ordinary: list[int]) -> lis
     return durations
 
 
-def caption(thing: MovingObject) -> str:
-    """A caption that says what moves: 'a red disc bouncing around a textured background'."""
-    return f"a {thing.colour} {thing.shape} bouncing around a textured background"
-
-
 def write_manifest(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     """A WebVid-style CSV of `rows` (the columns of the first row, in its order); returns its path."""
     path = Path(path)
@@ -286,15 +299,16 @@ def write_manifest(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def make_demo_collection(folder: str | Path, n_videos: int = 32, seed: int = 0,
-                         size: tuple[int, int] = (160, 120), fps: float = 5) -> Path:
+def make_demo_collection(folder: str | Path, n_videos: int = 32, seed: int = 0, control: Control = "cue",
+                         fps: float = 5) -> Path:
     """Write a WebVid-style collection (videos/ and manifest.csv) into `folder`; returns the manifest path.
 
-    The manifest has `n_videos` rows (videoid, contentUrl relative to the manifest, duration as ISO-8601,
-    name = caption, page_dir). Durations are the real ones, in whole seconds: most 20-60 s, some outside.
-    Row 3 has a blank caption and the last row repeats the first row's videoid and file (a duplicate), so a
-    listing with the default filters keeps fewer rows than it reads. A few files are .mkv or .webm, and one
-    is a phone-style rotated portrait .mp4, so the collection also exercises containers and rotation.
+    The videos are `cue` videos (tasks/cue_scene.py), or with control="none" its negative control, 128 x 128 at
+    `fps` frames per second. The manifest has `n_videos` rows (videoid, contentUrl relative to the manifest,
+    duration as ISO-8601, name = caption, page_dir). Durations are the real ones, in whole seconds: most 20-60 s,
+    some outside. Row 3 has a blank caption and the last row repeats the first row's videoid and file (a
+    duplicate), so a listing with the default filters keeps fewer rows than it reads. A few files are .mkv or
+    .webm, and one is a phone-style rotated .mp4, so the collection also exercises containers and rotation.
     """
     if n_videos < 1:
         raise SampleVideoError(f"n_videos must be at least 1, got {n_videos}")
@@ -303,30 +317,48 @@ def make_demo_collection(folder: str | Path, n_videos: int = 32, seed: int = 0,
     blank, rotated, duplicate = 3, 2, n_videos - 1
     ordinary = [i for i in range(n_videos) if i not in (0, blank, rotated, duplicate)]  # 0: duplicated
     durations = demo_durations(rng, n_videos, ordinary)
-    rows = []
+    pattern = "cue" if control == "cue" else "cue_none"
     started = time.perf_counter()
-    for i in range(n_videos):
+
+    def make(i: int) -> dict[str, Any]:
         video_id = str(1000 + i)
-        if i == duplicate and i > 0:  # the duplicate: same id and file as the first row
-            rows.append(dict(rows[0]))
-            continue
-        suffix, rotate, video_size = ".mp4", None, size
-        if i % 11 == 5:
-            suffix = ".mkv"
-        elif i % 11 == 8:
-            suffix = ".webm"
-        elif i == rotated:
-            rotate, video_size = 90, (size[1], size[0])  # portrait, stored landscape + display matrix
+        suffix = {5: ".mkv", 8: ".webm"}.get(i % 11, ".mp4")
         relative = f"videos/{video_id}{suffix}"
         video_seed = seed * 100_003 + i
-        make_video(folder / relative, durations[i], fps=fps, size=video_size, seed=video_seed, rotate=rotate)
-        _, thing = object_scene(video_seed, *video_size, durations[i])
-        rows.append({
-            "videoid": video_id, "contentUrl": relative, "duration": iso_duration(durations[i]),
-            "name": "" if i == blank else caption(thing), "page_dir": "demo",
-        })
+        make_video(folder / relative, durations[i], fps=fps, size=(SIZE, SIZE), pattern=pattern, seed=video_seed,
+                   rotate=90 if i == rotated else None)
+        scene = CueScene.draw(video_seed, int(state_of_frames(round(durations[i] * fps)).max()) + 1, control)
+        return {"videoid": video_id, "contentUrl": relative, "duration": iso_duration(durations[i]),
+                "name": "" if i == blank else scene.caption(), "page_dir": "demo"}
+
+    made = [i for i in range(n_videos) if not (i == duplicate and i > 0)]
+    # ffmpeg encodes in its own process: one thread per core keeps every core busy.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        rows = list(pool.map(make, made))
+    if len(rows) < n_videos:  # the duplicate: the first row's id and file again
+        rows.append(dict(rows[0]))
     manifest = write_manifest(folder / "manifest.csv", rows)
     log.info("demo collection: %d rows in %s (%.1f s)", len(rows), manifest, time.perf_counter() - started)
+    return manifest
+
+
+def ensure_demo_collection(folder: str | Path, n_videos: int, seed: int, control: Control) -> Path:
+    """The manifest of the demo collection in `folder`, made unless the folder already holds this one.
+
+    `collection.json` records how the collection was made, so that a demo with another control, seed or count is
+    never trained on these videos by mistake.
+    """
+    folder = Path(folder)
+    manifest, marker = folder / "manifest.csv", folder / "collection.json"
+    recipe = {"kind": "cue-scene", "control": control, "videos": n_videos, "seed": seed}
+    if manifest.exists():
+        made = json.loads(marker.read_text()) if marker.exists() else "an older kind of demo videos"
+        if made != recipe:
+            raise DemoCollectionError(f"{folder} holds another demo collection ({made}), not {recipe}: "
+                                      f"use another --workdir, or remove {folder.parent}")
+        return manifest
+    make_demo_collection(folder, n_videos=n_videos, seed=seed, control=control)
+    marker.write_text(json.dumps(recipe))
     return manifest
 
 

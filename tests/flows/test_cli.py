@@ -49,7 +49,9 @@ def test_store_info_reports_the_demo_store(demo):
     info = json.loads(fvlm("store", "info", str(root / "features.zarr"), "--json", env=env).stdout)
     assert info["ok"] + info["failed"] == info["videos"] and info["pending"] == 0
     assert info["listing"]["dropped"]["too_short"] >= 1 and info["listing"]["dropped"]["too_long"] >= 1
-    assert info["attributes"]["dino"]["id"] == "demo:tiny-dinov2"
+    assert info["attributes"]["dino"]["id"] == "demo:sincos-dinov2"
+    assert info["sampling"]["mode"] == "window" and info["sampling"]["window_frames"] == 72  # the seed's window
+    assert info["frame_interval"]["median_s"] == pytest.approx(71 / 23 / 5, rel=0.01)  # every third frame at 5 fps
 
 
 def test_a_second_train_continues_the_history(demo, tmp_path):
@@ -86,4 +88,4 @@ def test_train_on_a_store_of_another_preset_says_why_in_one_line(demo, tmp_path)
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 2, run.stderr[-3000:]
     last = run.stderr.strip().splitlines()[-1]
-    assert "does not match the training config" in last and "dino: store has 'demo:tiny-dinov2'" in last
+    assert "does not match the training config" in last and "dino: store has 'demo:sincos-dinov2'" in last

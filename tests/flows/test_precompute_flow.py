@@ -91,7 +91,7 @@ def test_flow_fills_the_store_and_leaves_artifacts(collection, tmp_path, prefect
     assert features.shape[1:] == (24, 325, 384) and features.dtype == np.float16
     assert np.abs(features[ok]).mean() > 0.01  # written, not the fill value
     assert store.group["latents"].shape[1:] == (24, 4, 32, 32)
-    assert store.attrs["dino"]["id"] == "demo:tiny-dinov2" and store.attrs["listing"]["kept"] == 8 + has_corrupt
+    assert store.attrs["dino"]["id"] == "demo:sincos-dinov2" and store.attrs["listing"]["kept"] == 8 + has_corrupt
     if has_corrupt:
         reason = store.read_column("error")[store.read_status() == FAILED][0]
         assert "frame" in reason or "decode" in reason.lower()

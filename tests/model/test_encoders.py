@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.encoders import EncoderConfig, EncoderLoadError, FrameEncoder, describe_encoders
+from model.encoders import (
+    DEMO_COLOUR_MIX, EncoderConfig, EncoderLoadError, FrameEncoder, describe_encoders, sincos_position_codes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,45 @@ def test_frames_differ_so_features_differ(frames):
 
 def test_describe_records_what_training_checks():
     described = describe_encoders(EncoderConfig(preset="demo"))
-    assert described["dino"]["id"] == "demo:tiny-dinov2" and described["dino"]["tokens"] == 325
-    assert described["dino"]["dim"] == 384
-    assert described["vae"]["latent_shape"] == [4, 32, 32] and described["vae"]["scaling_factor"] == 0.18215
+    assert described["dino"]["id"] == "demo:sincos-dinov2" and described["dino"]["tokens"] == 325
+    assert described["dino"]["dim"] == 384 and described["vae"]["id"] == "demo:colour-vae"
+    assert described["vae"]["latent_shape"] == [4, 32, 32] and described["vae"]["scaling_factor"] == 1.0
+
+
+def test_sincos_codes_are_smooth_and_peak_at_their_own_patch():
+    codes = sincos_position_codes(18, 384)  # (324, 384), row-major
+    assert codes.shape == (324, 384)
+    similarity = codes @ codes.T  # (324, 324)
+    assert torch.equal(similarity.argmax(dim=1), torch.arange(324))  # each code is closest to itself
+    centre = 9 * 18 + 9
+    near, far = similarity[centre, centre + 1], similarity[centre, 0]
+    assert similarity[centre, centre] > near > far  # smooth: a neighbour is more alike than a far corner
+    with pytest.raises(ValueError):
+        sincos_position_codes(18, 30)
+
+
+def test_demo_tokens_say_where_and_what():
+    """A patch's token holds its place (the nearest position code) and its colour (tokens of two colours at one
+    place differ); the CLS token has no place."""
+    encoder = FrameEncoder(EncoderConfig(preset="demo"))
+    grey, red = np.full((1, 256, 256, 3), 128, np.uint8), np.full((1, 256, 256, 3), (200, 30, 30), np.uint8)
+    features = torch.from_numpy(np.concatenate([encoder.encode(grey)[0], encoder.encode(red)[0]]).astype(np.float32))
+    codes = sincos_position_codes(18, 384)
+    place = (features[:, 1:] @ codes.T).argmax(-1)  # (2, 324) the code each patch token matches best
+    assert (place == torch.arange(324)).float().mean() > 0.9
+    assert (features[0, 1:] - features[1, 1:]).abs().mean() > 0.1
+
+
+def test_demo_latents_keep_a_frames_colour_at_unit_scale():
+    """A flat frame's latents are the fixed colour mix of its colour (no normalisation removes the colour)."""
+    encoder = FrameEncoder(EncoderConfig(preset="demo"))
+    colours = np.array([[200, 30, 30], [30, 200, 30], [20, 20, 220], [128, 128, 128]], np.uint8)
+    frames = np.broadcast_to(colours[:, None, None, :], (4, 256, 256, 3)).copy()
+    latents = encoder.encode(frames)[1].astype(np.float32)  # (4, 4, 32, 32)
+    expected = (colours / 255.0 * 2 - 1) @ DEMO_COLOUR_MIX.T  # (4, 4)
+    np.testing.assert_allclose(latents.mean(axis=(2, 3)), expected, atol=1e-2)
+    assert latents.std(axis=(2, 3)).max() < 1e-3  # flat in, flat out
+    assert 0.3 < np.abs(expected).mean() < 2.0
 
 
 def save_tiny_pretrained(tmp_path):

@@ -10,7 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.samples import SampleVideoError, gradient_frame, iso_duration, make_demo_collection, make_video
+from tasks.samples import (
+    DemoCollectionError, SampleVideoError, ensure_demo_collection, gradient_frame, iso_duration,
+    make_demo_collection, make_video,
+)
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
@@ -141,7 +144,19 @@ def test_small_demo_collection_matches_its_files(tmp_path):
     table, seconds = check_collection(manifest, 8)
     assert (seconds < 20).sum() >= 1 and (seconds > 60).sum() >= 1 and ((seconds >= 20) & (seconds <= 60)).sum() >= 4
     rotated = probe(manifest.parent / table.loc[2, "contentUrl"])
-    assert rotated["rotation"] == -90 and rotated["width"] > rotated["height"]  # portrait, stored landscape
+    assert rotated["rotation"] == -90  # stored turned, with a display matrix (its border's stripes turn with it)
+    assert "border of" in table.loc[0, "name"] and "patch had a moment before" in table.loc[0, "name"]
+
+
+def test_a_demo_folder_is_reused_only_for_the_same_collection(tmp_path):
+    folder = tmp_path / "demo" / "videos"
+    manifest = ensure_demo_collection(folder, 4, seed=2, control="none")
+    made = manifest.stat().st_mtime_ns
+    assert ensure_demo_collection(folder, 4, seed=2, control="none").stat().st_mtime_ns == made  # kept as it is
+    assert "no patch had" in pd.read_csv(manifest)["name"][0]
+    with pytest.raises(DemoCollectionError, match="holds another demo collection .*'control': 'none'.* not "
+                                                  ".*'control': 'cue'.*use another --workdir"):
+        ensure_demo_collection(folder, 4, seed=2, control="cue")
 
 
 @pytest.mark.slow

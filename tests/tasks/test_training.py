@@ -15,6 +15,7 @@ from storage.checkpoints import CheckpointStore
 from storage.loader import LoaderConfig
 from storage.runlock import RunLock, RunLockedError
 from storage.store import OK, ChunkRows, FeatureShapes, FeatureStore, StoreConfig
+from tasks.decode import DecodeConfig
 from tasks.training import (
     StoreMismatchError,
     TrainConfig,
@@ -32,7 +33,8 @@ def make_tiny_store(path, videos=40, k=4, dino=DEMO_DINO_ID, seed=0):
     ids = [f"vid{i:03d}" for i in range(videos)]
     store = FeatureStore.create(
         path, ids, [f"caption {i}" for i in ids], [f"missing/{i}.mp4" for i in ids], [30.0] * videos,
-        {"dino": {"id": dino}, "vae": {"id": DEMO_VAE_ID}, "frame_size": 256, "listing": {}},
+        {"dino": {"id": dino}, "vae": {"id": DEMO_VAE_ID}, "frame_size": 256, "listing": {},
+         "sampling": DecodeConfig().describe_sampling()},
         StoreConfig(chunk_videos=k), SHAPES,
     )
     rng = np.random.default_rng(seed)
@@ -44,6 +46,7 @@ def make_tiny_store(path, videos=40, k=4, dino=DEMO_DINO_ID, seed=0):
         store.write_chunk(chunk, ChunkRows(
             features=rng.standard_normal((n, 24, 5, 8)).astype(np.float16),
             latents=latents.astype(np.float16), status=np.full(n, OK, np.uint8), error=[""] * n,
+            frame_interval_s=np.full(n, 0.125, np.float32),
         ))
     return str(path)
 
@@ -99,6 +102,9 @@ def test_history_records_each_chunk_with_the_users_metrics(store, tmp_path):
         assert record["eval_samples"] > 0 and record["stopped_by"] == "steps"
     train = history[-1]["train"]
     assert {"loss_fine", "loss_coarse", "ratio", "improvement_pct", "lr", "samples_per_s"} <= set(train)
+    sampling = history[-1]["sampling"]  # which experiment the ratio measures: the store's frame window
+    assert (sampling["mode"], sampling["window_frames"], sampling["median_interval_s"]) == ("window", 72, 0.125)
+    assert sampling["described"] == "24 of the first 72 frames, 0.125 s apart (median)"
     assert second.pictures and all(os.path.exists(p) for p in second.pictures)
 
 
@@ -139,7 +145,7 @@ def test_a_store_for_other_encoders_or_shapes_is_refused(tmp_path):
     with pytest.raises(StoreMismatchError) as err:
         train_chunk(other, tmp_path / "run", tiny_config(model=ModelConfig.preset("demo")))
     message = str(err.value)
-    assert "dino: store has 'facebook/dinov2-small', config wants 'demo:tiny-dinov2'" in message
+    assert "dino: store has 'facebook/dinov2-small', config wants 'demo:sincos-dinov2'" in message
     assert "tokens: store has 5, config wants 325" in message and "feature_dim" in message
     assert not (tmp_path / "run" / "history.jsonl").exists()
 
@@ -174,4 +180,6 @@ def test_wandb_offline_run_is_continued_across_chunks(store, tmp_path):
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     # offline-run-<time>-<id>, with a "-1" suffix when both chunks started within the same second
     assert len(runs) == 2 and all(f"-{first.wandb_run_id}" in r.name for r in runs)
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # the run's config travels in its record file
+    assert b'"median_interval_s":0.125' in record and b'"window_frames":72' in record
     assert json.loads((tmp_path / "history.jsonl").read_text().splitlines()[-1])["step"] == 8
