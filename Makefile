@@ -5,6 +5,7 @@
 #   make test-fast     without the slow end-to-end tests
 #   make test-faults   the fault-injection and bad-input suites (kills, full disks, damaged files, fuzzed input)
 #   make bench         the CPU benchmarks (precompute, loader, train step, listing)
+#   make gpu-check     on one CUDA GPU (< 8 min): compiled vs eager train step, full-size precompute, batch-64 step
 #
 # GPU hosts: `make setup TORCH="torch==2.14.1"` (or any CUDA build of torch >= 2.4 installed first).
 
@@ -14,7 +15,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-faults bench clean
+.PHONY: setup demo test test-fast test-faults bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/listing.py
+
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) fvlm-demo .pytest_cache
