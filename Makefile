@@ -1,6 +1,7 @@
 # Set-up and the two everyday commands. `make demo` and `make test` create the virtual environment on first use.
 #
-#   make demo          the whole pipeline on generated videos, on a CPU (a few minutes)
+#   make demo          the whole pipeline on generated videos, on a CPU (about 5 minutes): a positive control
+#   make demo-control  the same with the negative control (fvlm demo --control none): the ratio ends at 1
 #   make test          the test suite (no GPU, no network)
 #   make test-fast     without the slow end-to-end tests
 #   make test-faults   the fault-injection and bad-input suites (kills, full disks, damaged files, fuzzed input)
@@ -15,7 +16,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-faults bench gpu-check clean
+.PHONY: setup demo demo-control test test-fast test-faults bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/fvlm demo
+
+demo-control: $(STAMP)
+	$(BIN)/fvlm demo --control none
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -49,4 +53,4 @@ gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) fvlm-demo .pytest_cache
+	rm -rf $(VENV) fvlm-demo fvlm-demo-control .pytest_cache
