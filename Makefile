@@ -1,6 +1,6 @@
 # Set-up and the two everyday commands. `make demo` and `make test` create the virtual environment on first use.
 #
-#   make demo          the whole pipeline on generated videos, on a CPU (about 5 minutes): a positive control
+#   make demo          the whole pipeline on generated videos, on a CPU (about 7 minutes): a positive control
 #   make demo-control  the same with the negative control (fvlm demo --control none): the ratio ends at 1
 #   make test          the test suite (no GPU, no network)
 #   make test-fast     without the slow end-to-end tests

@@ -509,7 +509,7 @@ def precompute_table(info: dict[str, Any], reports: list[dict[str, Any]]) -> lis
     rows += [{"metric": f"failed: {reason}", "value": n} for reason, n in info["failed_by_reason"].items()]
     per_video = info["sizes"]["disk_bytes_per_ok_video"]
     rows.append({"metric": "bytes per ok video", "value": round(per_video) if per_video else None})
-    rows.append({"metric": f"frames kept: {describe_window(info.get('sampling') or {})}", "value": None})
+    rows.append({"metric": "frames kept", "value": describe_window(info.get("sampling") or {})})
     rows.append({"metric": "median seconds between stored frames", "value": info["frame_interval"]["median_s"]})
     seconds = sum(r["seconds"] for r in reports)
     done = sum(r["videos_ok"] + r["videos_failed"] for r in reports)

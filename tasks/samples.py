@@ -3,8 +3,7 @@
 The demo's collection is made of `cue` videos (tasks/cue_scene.py: a positive control of the foveation gain), or
 of `cue_none` videos, its negative control. Two more patterns, for tests and benchmarks:
 - `moving_object`: a small bright disc or square moving at constant speed, bouncing off the borders, over a
-  static smooth-noise texture. Predicting the next frame needs to know where the object is: where the model
-  looks matters, which is what the demo's training should show.
+  static smooth-noise texture (the benchmarks' and tests' ordinary video).
 - `gradient`: red grows left to right, green top to bottom, blue with time (frame i of n has blue
   255 * i / (n - 1)), plus a white marker in the upper left quadrant. No rotation or flip maps it onto itself,
   so it shows whether a decoder turned a frame upright, and the blue channel tells which frame was decoded.

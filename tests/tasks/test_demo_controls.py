@@ -59,9 +59,9 @@ def held_out_ratio(tmp_path, control: str) -> dict:
 def test_with_the_cue_the_held_out_ratio_clears_the_seeds_poc_threshold(tmp_path):
     result = held_out_ratio(tmp_path, "cue")
     assert result["eval_samples"] == 32
-    assert result["ratio"] >= 1.05, result  # measured here: 1.2-1.4 after 150 steps
+    assert result["ratio"] >= 1.05, result  # measured here: 2.25 after 150 steps (1.87 after 100)
 
 
 def test_in_the_negative_control_the_held_out_ratio_stays_at_one(tmp_path):
     result = held_out_ratio(tmp_path, "none")
-    assert abs(result["ratio"] - 1.0) <= 0.02, result  # measured here: 0.99-1.00
+    assert abs(result["ratio"] - 1.0) <= 0.02, result  # measured here: 0.9988

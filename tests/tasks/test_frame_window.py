@@ -56,6 +56,7 @@ def test_a_default_store_keeps_the_seeds_window_so_a_copy_of_the_first_80_frames
     assert "24 of the first 72 frames, median 0.129 s apart (2 rows)" in format_store_info(info)
     table = {row["metric"]: row["value"] for row in precompute_table(info, [])}
     assert table["median seconds between stored frames"] == pytest.approx(0.1286, abs=1e-3)
+    assert table["frames kept"] == "24 of the first 72 frames"
 
 
 @pytest.mark.slow
