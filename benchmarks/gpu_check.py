@@ -1,7 +1,7 @@
 """GPU check: the three things only a CUDA device can tell us, in one run of under 8 minutes on an H100/H200.
 
   a. compiled vs eager training step: the same initial weights and the same 3 random batches, 3 optimizer steps
-     through the project's own training step (`build_trainer` + the step the loop calls), once eager and once with
+     through the project's own training step (`Trainer` and its `step`, as the loop calls it), once eager and once with
      the LLM compiled (mode="reduce-overhead", CUDA graphs), both under bf16 autocast; a SmolLM2-135M-shaped
      random LLM. Targets: per-step losses within 2 % of each other, first-step gradients with cosine >= 0.99.
   b. precompute with full-size DINOv2-S and SD-VAE: the hub weights when cached or reachable, else random weights
@@ -44,13 +44,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from model.encoder_config import FULL_DINO_ID, FULL_VAE_ID  # noqa: E402  (light: pydantic only)
+from storage.attrs import VAE_SCALING_FACTOR  # noqa: E402
+
 # Project modules are imported inside the parts: a refusal (no GPU) answers at once, and `--part a` does not
 # pay for Prefect and diffusers.
 
 LOSS_TOLERANCE = 0.02  # part a: max relative difference of a step's loss, compiled vs eager
 GRAD_COSINE = 0.99  # part a: min cosine between the first step's flattened gradients
-DINO_ID = "facebook/dinov2-small"
-VAE_ID = "stabilityai/sd-vae-ft-mse"
+DINO_ID, VAE_ID = FULL_DINO_ID, FULL_VAE_ID
 SEED_REFERENCE = "seed: 205 samples/s at batch 64 on one RTX 4090, 14.1 GB"
 
 
@@ -178,14 +180,15 @@ def model_config(settings: Settings):
     from model.config import LLMShape, ModelConfig
 
     if settings.smoke:
-        return ModelConfig.preset("demo")
+        return ModelConfig.for_preset("demo")
     return ModelConfig(llm=None, llm_shape=LLMShape.smollm2_135m())
 
 
 def make_trainer(settings: Settings, compile_llm: bool):
     """The project's Trainer (model, AdamW, schedule, autocast), as a training chunk builds it."""
     from storage.loader import LoaderConfig
-    from tasks.training import TrainConfig, WandbConfig, build_trainer
+    from tasks.train_config import TrainConfig, WandbConfig
+    from tasks.trainer import Trainer
 
     config = TrainConfig(
         preset="full", model=model_config(settings), loader=LoaderConfig(batch_size=settings.batch),
@@ -194,7 +197,7 @@ def make_trainer(settings: Settings, compile_llm: bool):
         # would not show whether the compiled optimizer steps match the eager ones.
         warmup_steps=0, wandb=WandbConfig(mode="disabled"),
     )
-    return build_trainer(config)
+    return Trainer(config)
 
 
 def random_batches(settings: Settings, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -213,11 +216,7 @@ def random_batches(settings: Settings, count: int) -> list[tuple[torch.Tensor, t
 
 def train_step(trainer, features: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
     """One optimizer step exactly as the training loop takes it (OOM split, CUDA-graph step marks included)."""
-    from tasks.training import _optimizer_step
-
-    metrics = _optimizer_step(trainer, features, latents)
-    trainer.step += 1
-    return metrics
+    return trainer.step(features, latents)
 
 
 def flat_gradients(model: torch.nn.Module) -> torch.Tensor:
@@ -380,7 +379,7 @@ def vae_config(smoke: bool) -> dict[str, Any]:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 16, 16) if smoke else (128, 256, 512, 512),
         layers_per_block=1 if smoke else 2, act_fn="silu", latent_channels=4,
-        norm_num_groups=4 if smoke else 32, sample_size=512, scaling_factor=0.18215,
+        norm_num_groups=4 if smoke else 32, sample_size=512, scaling_factor=VAE_SCALING_FACTOR,
     )
 
 

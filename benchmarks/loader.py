@@ -175,7 +175,7 @@ def run_limit(root: Path, videos: int, chunk: int, config: LoaderConfig, warmup:
 # ---- main ---------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=192)
     parser.add_argument("--chunk", type=int, default=8, help="videos per store chunk (K)")
@@ -190,33 +190,37 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the data (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the data (and reuse it when it is there)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    parent = args.workdir or Path(tempfile.gettempdir())
-    root = parent / f"fvlm-loader-bench-{args.videos}x{args.chunk}"
-    config = LoaderConfig(frames=args.frames, batch_size=args.batch, buffer_chunks=args.buffer_chunks,
-                          num_workers=args.workers, prefetch_factor=args.prefetch, seed=args.seed, eval_fraction=0.0)
-    try:
-        if not (args.keep and (root / "done").exists()):
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir(parents=True)
-            start = time.perf_counter()
-            write_data(root, args.videos, args.chunk, args.seed)
-            (root / "done").touch()
-            print(f"wrote {args.videos} videos three ways to {root} in {time.perf_counter() - start:.1f} s")
-        warmed = warm_page_cache(root)
-        print(f"page cache warmed: {warmed / 2**30:.2f} GiB read; load average {os.getloadavg()[0]:.2f}")
-        measure = (args.warmup, args.batches)
-        rounds: dict[str, list[tuple[float, float]]] = {"ours": [], "baseline": [], "limit": []}
-        for round_ in range(args.repeats):  # interleaved, so that a burst of other work hits all three alike
-            rounds["ours"].append(run_ours(root, args.videos, config, *measure))
-            rounds["limit"].append(run_limit(root, args.videos, args.chunk, config, *measure))
-            rounds["baseline"].append(run_baseline(root, args.frames, args.batch, *measure))
-            print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f}" for k, v in rounds.items())
-                  + f" samples/s; load average {os.getloadavg()[0]:.2f}")
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+
+def prepare_data(root: Path, args: argparse.Namespace) -> None:
+    """Write the data three ways, unless --keep finds it already written; then warm the page cache."""
+    if not (args.keep and (root / "done").exists()):
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        start = time.perf_counter()
+        write_data(root, args.videos, args.chunk, args.seed)
+        (root / "done").touch()
+        print(f"wrote {args.videos} videos three ways to {root} in {time.perf_counter() - start:.1f} s")
+    warmed = warm_page_cache(root)
+    print(f"page cache warmed: {warmed / 2**30:.2f} GiB read; load average {os.getloadavg()[0]:.2f}")
+
+
+def measure_rounds(root: Path, args: argparse.Namespace, config: LoaderConfig) -> dict[str, list[tuple[float, float]]]:
+    """(samples/s, CPU ms per batch) of each loader per round, the three interleaved round by round."""
+    measure = (args.warmup, args.batches)
+    rounds: dict[str, list[tuple[float, float]]] = {"ours": [], "baseline": [], "limit": []}
+    for round_ in range(args.repeats):  # interleaved, so that a burst of other work hits all three alike
+        rounds["ours"].append(run_ours(root, args.videos, config, *measure))
+        rounds["limit"].append(run_limit(root, args.videos, args.chunk, config, *measure))
+        rounds["baseline"].append(run_baseline(root, args.frames, args.batch, *measure))
+        print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f}" for k, v in rounds.items())
+              + f" samples/s; load average {os.getloadavg()[0]:.2f}")
+    return rounds
+
+
+def print_summary(rounds: dict[str, list[tuple[float, float]]], args: argparse.Namespace) -> None:
+    """One line per loader from its best round, then the JSON line."""
     best = {k: max(v) for k, v in rounds.items()}  # the best round of each: least disturbed by other work
     cpu = {k: min(c for _, c in v) for k, v in rounds.items()}
     ours, baseline, limit = best["ours"][0], best["baseline"][0], best["limit"][0]
@@ -236,6 +240,21 @@ def main() -> None:
         "rounds": {k: [round(x, 1) for x, _ in v] for k, v in rounds.items()},
     }
     print(json.dumps(result))
+
+
+def main() -> None:
+    args = parse_args()
+    parent = args.workdir or Path(tempfile.gettempdir())
+    root = parent / f"fvlm-loader-bench-{args.videos}x{args.chunk}"
+    config = LoaderConfig(frames=args.frames, batch_size=args.batch, buffer_chunks=args.buffer_chunks,
+                          num_workers=args.workers, prefetch_factor=args.prefetch, seed=args.seed, eval_fraction=0.0)
+    try:
+        prepare_data(root, args)
+        rounds = measure_rounds(root, args, config)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print_summary(rounds, args)
 
 
 if __name__ == "__main__":

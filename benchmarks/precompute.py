@@ -148,7 +148,7 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # WebVid-10M's clips (the seed's data) are 596 x 336 previews at 25-30 fps.
     parser.add_argument("--videos", type=int, default=48)
@@ -164,10 +164,62 @@ def main() -> None:
     parser.add_argument("--shared-webm", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
                                                      "videos" / "moviepy_big_buck_bunny_0_30.webm"),
                         help="a real 30 s video for the decode comparison (skipped when absent)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def measure_baseline(videos: list[tuple[str, float]], encoder_config, device: str,
+                     work: Path) -> tuple[float, float]:
+    """Seconds and CPU seconds of the seed's loop; the encoders are warmed up first and freed after."""
+    from model.encoders import FrameEncoder
+
+    encoder = FrameEncoder(encoder_config, device)
+    encoder.encode(np.zeros((24, 256, 256, 3), np.uint8))  # warm up kernels for both
+    for path in work.glob("run-*"):
+        shutil.rmtree(path)
+    cpu = cpu_seconds()
+    seconds = baseline(videos, encoder, work / "run-baseline-pt")
+    return seconds, cpu_seconds() - cpu
+
+
+def measure_ours(manifest: Path, work: Path, config) -> tuple[tuple[float, float], dict]:
+    """(seconds, CPU seconds) and the encode report of the pipeline."""
+    cpu = cpu_seconds()
+    seconds, report = ours(manifest, work / "run-ours.zarr", config)
+    return (seconds, cpu_seconds() - cpu), report
+
+
+def print_rates(n: int, base: tuple[float, float], ours_: tuple[float, float], report: dict) -> None:
+    """The baseline's and our line: seconds, videos/s, CPU s/video (and our steady rate)."""
+    (base_s, base_cpu), (ours_s, ours_cpu) = base, ours_
+    base_vps, ours_vps = n / base_s, n / ours_s
+    print(f"baseline  {base_s:7.2f} s  {base_vps:6.2f} videos/s  {base_cpu / n:5.2f} CPU s/video  "
+          f"(the seed's loop: ffmpeg -frames:v 72 -> JPEG -> PIL, one video at a time)")
+    print(f"ours      {ours_s:7.2f} s  {ours_vps:6.2f} videos/s  {ours_cpu / n:5.2f} CPU s/video  "
+          f"({report['videos_ok']} ok, {report['videos_failed']} failed); after {report['startup_s']:.1f} s of "
+          f"start-up and the first chunk, {report['steady_videos_per_s']:.2f} videos/s "
+          f"({report['steady_videos_per_s'] / base_vps:.2f}x the baseline)")
+
+
+def summary(args: argparse.Namespace, n: int, base: tuple[float, float], ours_: tuple[float, float],
+            report: dict, decode: dict) -> dict:
+    """The last line's JSON."""
+    (base_s, base_cpu), (ours_s, ours_cpu) = base, ours_
+    base_vps, ours_vps = n / base_s, n / ours_s
+    return {"ours": round(ours_vps, 3), "baseline": round(base_vps, 3), "decode": decode,
+            "ratio": round(ours_vps / base_vps, 3),
+            "steady": {"ours": round(report["steady_videos_per_s"], 3),
+                       "ratio": round(report["steady_videos_per_s"] / base_vps, 3)},
+            "videos": n, "device": args.device,
+            "preset": args.preset, "cpu_s_per_video": {"ours": round(ours_cpu / n, 3),
+                                                        "baseline": round(base_cpu / n, 3)},
+            "cores": os.cpu_count()}
+
+
+def main() -> None:
+    args = parse_args()
     import torch
 
-    from model.encoders import EncoderConfig, FrameEncoder
+    from model.encoders import EncoderConfig
     from storage.store import StoreConfig
     from tasks.decode import DecodeConfig
     from tasks.listing import ListingConfig, list_videos
@@ -184,34 +236,11 @@ def main() -> None:
     print(f"{len(videos)} videos of {args.size} at {args.fps} fps, {args.preset} encoders on {args.device}, "
           f"{torch.get_num_threads()} torch threads, {args.decode_workers} decode workers")
 
-    encoder = FrameEncoder(encoder_config, args.device)
-    encoder.encode(np.zeros((24, 256, 256, 3), np.uint8))  # warm up kernels for both
-    for path in work.glob("run-*"):
-        shutil.rmtree(path)
-    cpu = cpu_seconds()
-    base_s = baseline(videos, encoder, work / "run-baseline-pt")
-    base_cpu = cpu_seconds() - cpu
-    del encoder
-    cpu = cpu_seconds()
-    ours_s, report = ours(manifest, work / "run-ours.zarr", config)
-    ours_cpu = cpu_seconds() - cpu
-    base_vps, ours_vps = len(videos) / base_s, len(videos) / ours_s
-    n = len(videos)
-    print(f"baseline  {base_s:7.2f} s  {base_vps:6.2f} videos/s  {base_cpu / n:5.2f} CPU s/video  "
-          f"(the seed's loop: ffmpeg -frames:v 72 -> JPEG -> PIL, one video at a time)")
-    print(f"ours      {ours_s:7.2f} s  {ours_vps:6.2f} videos/s  {ours_cpu / n:5.2f} CPU s/video  "
-          f"({report['videos_ok']} ok, {report['videos_failed']} failed); after {report['startup_s']:.1f} s of "
-          f"start-up and the first chunk, {report['steady_videos_per_s']:.2f} videos/s "
-          f"({report['steady_videos_per_s'] / base_vps:.2f}x the baseline)")
+    base = measure_baseline(videos, encoder_config, args.device, work)
+    ours_, report = measure_ours(manifest, work, config)
+    print_rates(len(videos), base, ours_, report)
     decode = compare_decoding([str(p) for p, _ in videos], Path(args.shared_webm))
-    print(json.dumps({"ours": round(ours_vps, 3), "baseline": round(base_vps, 3), "decode": decode,
-                      "ratio": round(ours_vps / base_vps, 3),
-                      "steady": {"ours": round(report["steady_videos_per_s"], 3),
-                                 "ratio": round(report["steady_videos_per_s"] / base_vps, 3)},
-                      "videos": n, "device": args.device,
-                      "preset": args.preset, "cpu_s_per_video": {"ours": round(ours_cpu / n, 3),
-                                                                  "baseline": round(base_cpu / n, 3)},
-                      "cores": os.cpu_count()}))
+    print(json.dumps(summary(args, len(videos), base, ours_, report, decode)))
 
 
 if __name__ == "__main__":

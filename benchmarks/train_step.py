@@ -100,9 +100,9 @@ def parse_args() -> argparse.Namespace:
 
 def model_config(preset: str) -> ModelConfig:
     if preset == "demo":
-        return ModelConfig.preset("demo")
+        return ModelConfig.for_preset("demo")
     # The full spec, with SmolLM2-135M's architecture built from random weights (no hub needed).
-    return ModelConfig.preset("full").model_copy(update={"llm": None})
+    return ModelConfig.for_preset("full").model_copy(update={"llm": None})
 
 
 def make_batch(config: ModelConfig, batch: int, frames: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -7,39 +7,59 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+from flows.cli_options import Section, add_config_options, build_config, config_flag
 from tasks.runtime import PROGRESS_ENV
 
 log = logging.getLogger("fvlm")
 
 
-def _add_precompute(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("precompute", help="list, filter, decode and encode videos into a feature store")
+def encoder_section() -> Section:
+    from model.encoder_config import EncoderConfig
+
+    return Section("encoder", EncoderConfig)
+
+
+def layout_section() -> Section:
+    from storage.store import StoreConfig
+
+    return Section("layout", StoreConfig)
+
+
+def precompute_sections() -> tuple[Section, Section, Section, Section]:
+    """The configs `fvlm precompute` builds: encoder, listing, decode, layout."""
+    from tasks.decode import DecodeConfig
+    from tasks.listing import ListingConfig
+
+    return encoder_section(), Section("listing", ListingConfig), Section("decode", DecodeConfig), layout_section()
+
+
+def add_precompute_options(p: argparse.ArgumentParser) -> None:
+    encoder, listing, decode, layout = precompute_sections()
     p.add_argument("--manifest", required=True, help="CSV / Parquet / JSON-lines manifest, or a folder of videos")
     p.add_argument("--store", required=True, help="feature store path (a Zarr group; created if absent)")
-    p.add_argument("--preset", choices=["demo", "full"], default="full",
-                   help="full: real DINOv2 + SD-VAE weights; demo: tiny random encoders (CPU, no network)")
-    p.add_argument("--min-duration", type=float, default=20.0, help="shortest kept video, seconds (inclusive)")
-    p.add_argument("--max-duration", type=float, default=60.0, help="longest kept video, seconds (inclusive)")
-    p.add_argument("--limit", type=int, default=None, help="keep at most N videos")
-    p.add_argument("--dino", default=None, help="DINOv2 hub id or local folder (full preset)")
-    p.add_argument("--vae", default=None, help="SD-VAE hub id or local folder (full preset)")
-    p.add_argument("--device", default="auto", help="encoder device: auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--decode-workers", type=int, default=None, help="decoder processes (default 2)")
-    p.add_argument("--decode-timeout", type=float, default=None, help="seconds before a stuck video is given up")
-    p.add_argument("--sampling", choices=["window", "spread"], default=None,
-                   help="window (default, the seed's): 24 of the first --window-frames frames, about 0.1 s apart; "
-                        "spread: 24 frames over the whole video (another experiment)")
-    p.add_argument("--window-frames", type=int, default=None,
-                   help="frames decoded from the start of each video with --sampling window (default 72, the seed's)")
-    p.add_argument("--chunk-videos", type=int, default=None, help="videos per store chunk (new stores only)")
-    p.add_argument("--batch-frames", type=int, default=None, help="frames per encoder call")
+    config_flag(p, "--preset", encoder, "preset", dest="preset",
+                help="full: real DINOv2 + SD-VAE weights; demo: tiny random encoders (CPU, no network)")
+    config_flag(p, "--min-duration", listing, "min_duration_s")
+    config_flag(p, "--max-duration", listing, "max_duration_s")
+    config_flag(p, "--limit", listing, "limit")
+    config_flag(p, "--dino", encoder, "dino")
+    config_flag(p, "--vae", encoder, "vae")
+    p.add_argument("--device", default=None, help="encoder device: auto (cuda when present; the default), cpu, "
+                                                  "cuda, cuda:1 ...")
+    config_flag(p, "--decode-workers", decode, "workers")
+    config_flag(p, "--decode-timeout", decode, "timeout_s")
+    config_flag(p, "--sampling", decode, "sampling")
+    config_flag(p, "--window-frames", decode, "window_frames")
+    config_flag(p, "--chunk-videos", layout, "chunk_videos", help="videos per store chunk (new stores only)")
+    config_flag(p, "--batch-frames", encoder, "batch_frames")
+    for section in (encoder, listing, decode, layout):
+        add_config_options(p, section)
 
 
-def _add_store(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("store", help="inspect or import feature stores")
+def add_store_options(p: argparse.ArgumentParser) -> None:
+    encoder, layout = encoder_section(), layout_section()
     store_sub = p.add_subparsers(dest="store_command", required=True)
     info = store_sub.add_parser("info", help="counts, failures, listing summary, sizes, attributes")
     info.add_argument("store")
@@ -47,57 +67,86 @@ def _add_store(sub: argparse._SubParsersAction) -> None:
     imp = store_sub.add_parser("import-pt", help="convert a seed-format folder of .pt files into a store")
     imp.add_argument("folder")
     imp.add_argument("store")
-    imp.add_argument("--chunk-videos", type=int, default=8, help="videos per store chunk")
-    imp.add_argument("--dino-id", default="facebook/dinov2-small", help="encoder the .pt files came from")
-    imp.add_argument("--vae-id", default="stabilityai/sd-vae-ft-mse", help="VAE the .pt files came from")
+    config_flag(imp, "--chunk-videos", layout, "chunk_videos", help="videos per store chunk")
+    config_flag(imp, "--dino-id", encoder, "dino", dest="dino_id", help="encoder the .pt files came from")
+    config_flag(imp, "--vae-id", encoder, "vae", dest="vae_id", help="VAE the .pt files came from")
+    add_config_options(imp, layout)
 
 
-def _add_prefect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prefect", help="set up the Prefect server for GPU hosts")
+def infra_section() -> Section:
+    from flows.infra import InfraConfig
+
+    return Section("infra", InfraConfig)
+
+
+def add_prefect_options(p: argparse.ArgumentParser) -> None:
+    infra = infra_section()
     prefect_sub = p.add_subparsers(dest="prefect_command", required=True)
     setup = prefect_sub.add_parser("setup", help="process work pool, one work queue per GPU, zombie-run automation "
                                                  "(idempotent; uses PREFECT_API_URL)")
-    setup.add_argument("--gpus", type=int, default=1, help="GPUs per host: work queues gpu-0 .. gpu-(N-1)")
-    setup.add_argument("--pool", default="fvlm-gpu", help="work pool name (prefect.yaml deploys to fvlm-gpu)")
-    setup.add_argument("--heartbeat-seconds", type=int, default=30, help="flow-run heartbeat period of the pool")
-    setup.add_argument("--zombie-after", type=int, default=90,
-                       help="seconds without a heartbeat before a running flow run is marked Crashed")
+    config_flag(setup, "--gpus", infra, "gpus")
+    config_flag(setup, "--pool", infra, "pool", help="work pool name (prefect.yaml deploys to fvlm-gpu)")
+    config_flag(setup, "--heartbeat-seconds", infra, "heartbeat_seconds")
+    config_flag(setup, "--zombie-after", infra, "zombie_after_seconds",
+                help="seconds without a heartbeat before a running flow run is marked Crashed")
+    add_config_options(setup, infra)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    from flows.cli_train import add_train_options as add
+
+    add(p)
+
+
+def add_demo_options(p: argparse.ArgumentParser) -> None:
+    from flows.cli_train import add_demo_options as add
+
+    add(p)
+
+
+# name: (help, what adds its options). A command's options are built only when it runs or shows its help, so
+# `fvlm --help` imports no config (some of which sit beside torch or prefect).
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "precompute": ("list, filter, decode and encode videos into a feature store", add_precompute_options),
+    "store": ("inspect or import feature stores", add_store_options),
+    "prefect": ("set up the Prefect server for GPU hosts", add_prefect_options),
+    "train": ("timed training chunks from the latest checkpoint until the ratio converges", add_train_options),
+    "demo": ("the whole pipeline on generated videos, on a CPU, in a few minutes", add_demo_options),
+}
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; the options of `commands` only (None: of every command)."""
     parser = argparse.ArgumentParser(prog="fvlm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_precompute(sub)
-    _add_store(sub)
-    _add_prefect(sub)
-    from flows.cli_train import add_demo_parser, add_train_parser
-
-    add_train_parser(sub)
-    add_demo_parser(sub)
+    wanted = set(COMMANDS if commands is None else commands)
+    for name, (help_text, add_options) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if name in wanted:
+            add_options(command)
     return parser
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command an argument list runs (the first word that names one), or None (e.g. `fvlm --help`)."""
+    return next((word for word in argv if word in COMMANDS), None)
 
 
 def run_precompute(args: argparse.Namespace) -> int:
     from flows.precompute import precompute_flow
-    from model.encoders import EncoderConfig
-    from storage.store import StoreConfig
-    from tasks.decode import DecodeConfig
-    from tasks.listing import ListingConfig
 
-    encoder = EncoderConfig(preset=args.preset, **_given(dino=args.dino, vae=args.vae, batch_frames=args.batch_frames))
-    listing = ListingConfig(min_duration_s=args.min_duration, max_duration_s=args.max_duration, limit=args.limit)
-    decode = DecodeConfig(**_given(workers=args.decode_workers, timeout_s=args.decode_timeout,
-                                   sampling=args.sampling, window_frames=args.window_frames))
-    layout = StoreConfig(**_given(chunk_videos=args.chunk_videos))
-    info = precompute_flow(manifest=args.manifest, store=args.store, encoder=encoder, listing=listing,
-                           decode=decode, layout=layout, device=args.device)
+    encoder, listing, decode, layout = precompute_sections()
+    configs = dict(encoder=build_config(args, encoder, preset=args.preset), listing=build_config(args, listing),
+                   decode=build_config(args, decode), layout=build_config(args, layout))
+    device = {"device": args.device} if args.device else {}  # else the flow's default
+    info = precompute_flow(manifest=args.manifest, store=args.store, **configs, **device)
     print(format_store_summary(info))
     return 0 if info["pending"] == 0 else 1
 
 
 def run_store(args: argparse.Namespace) -> int:
-    from storage.store import FeatureStore, StoreConfig
+    from storage.store import FeatureStore
 
     if args.store_command == "info":
         info = FeatureStore.open(args.store).info()
@@ -105,8 +154,8 @@ def run_store(args: argparse.Namespace) -> int:
         return 0
     from storage.import_pt import import_pt_folder
 
-    counts = import_pt_folder(args.folder, args.store, StoreConfig(chunk_videos=args.chunk_videos),
-                              dino_id=args.dino_id, vae_id=args.vae_id)
+    layout = build_config(args, layout_section())
+    counts = import_pt_folder(args.folder, args.store, layout, dino_id=args.dino_id, vae_id=args.vae_id)
     print(f"imported {args.folder} -> {args.store}: {counts['ok']} ok, {counts['failed']} failed")
     return 0
 
@@ -114,12 +163,10 @@ def run_store(args: argparse.Namespace) -> int:
 def run_prefect(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from flows.infra import InfraConfig, PrefectSetupError, format_setup, setup_prefect
+    from flows.infra import PrefectSetupError, format_setup, setup_prefect
 
     try:
-        config = InfraConfig(pool=args.pool, gpus=args.gpus, heartbeat_seconds=args.heartbeat_seconds,
-                             zombie_after_seconds=args.zombie_after)
-        print(format_setup(setup_prefect(config)))
+        print(format_setup(setup_prefect(build_config(args, infra_section()))))
     except (ValidationError, PrefectSetupError) as err:
         log.error("%s", err)
         return 2
@@ -153,12 +200,12 @@ def format_store_info(info: dict[str, Any]) -> str:
 
 def format_sampling(info: dict[str, Any]) -> str:
     """'24 of the first 72 frames, median 0.104 s apart (36 rows)'."""
-    from tasks.decode import describe_window
+    from storage.attrs import SamplingRecord
 
     spacing = info.get("frame_interval") or {}
     median = spacing.get("median_s")
     apart = f"median {median:.3f} s apart ({spacing['rows']} rows)" if median is not None else "spacing unknown"
-    return f"{describe_window(info.get('sampling') or {})}, {apart}"
+    return f"{SamplingRecord.model_validate(info.get('sampling') or {}).describe()}, {apart}"
 
 
 def _human(n: float | None) -> str:
@@ -171,13 +218,10 @@ def _human(n: float | None) -> str:
     return str(n)
 
 
-def _given(**values: Any) -> dict[str, Any]:
-    """The options the user gave (None = keep the config's default)."""
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_of(argv)
+    args = build_parser([command] if command else []).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault(PROGRESS_ENV, "1")  # progress bars on a terminal; flows run elsewhere stay quiet
@@ -186,12 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # httpx logs every request at INFO, full URLs (with any query-string token) included.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    from pydantic import ValidationError
+
     from storage.store import StoreError
     from tasks.listing import ManifestError
     from tasks.samples import DemoCollectionError
 
     user_errors: tuple[type[BaseException], ...] = (StoreError, ManifestError, FileNotFoundError,
-                                                    DemoCollectionError)
+                                                    DemoCollectionError, ValidationError)
     if args.command in ("train", "demo"):  # (imports torch: only for the commands that train)
         from storage.checkpoints import CheckpointError
         from storage.runlock import RunLockedError

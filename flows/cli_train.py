@@ -7,56 +7,54 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows.cli_options import Section, add_config_options, build_config, config_flag, flow_parameters
 
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="timed training chunks from the latest checkpoint until the ratio converges")
+
+def train_sections() -> tuple[Section, Section]:
+    """The configs `fvlm train` builds: the training recipe and the convergence rule, both from the preset."""
+    from tasks.convergence import ConvergenceConfig
+    from tasks.train_config import TrainConfig
+
+    return Section("train", TrainConfig), Section("convergence", ConvergenceConfig)
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    train, convergence = train_sections()
     p.add_argument("--store", required=True, help="feature store made by `fvlm precompute` or `store import-pt`")
     p.add_argument("--run-dir", required=True, help="run folder: checkpoints, history.jsonl, state.json, wandb")
-    p.add_argument("--preset", choices=["demo", "full"], default="full", help="model size and recipe")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of each chunk")
-    p.add_argument("--max-chunks", type=int, default=None,
-                   help="stop once the run folder has this many chunks (counts earlier invocations too)")
+    config_flag(p, "--preset", train, "preset", dest="preset", help="model size and recipe")
+    config_flag(p, "--max-minutes", train, "max_minutes", help="wall-clock budget of each chunk")
+    config_flag(p, "--max-chunks", convergence, "max_chunks",
+                help="stop once the run folder has this many chunks (counts earlier invocations too)")
     p.add_argument("--resume", default=None, help="start the first chunk from this checkpoint file")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--batch-size", type=int, default=None, help="samples per step (seed: 64)")
-    p.add_argument("--total-steps", type=int, default=None, help="length of the whole run's lr schedule")
-    p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default=None,
-                   help="auto: online when an API key is configured, else offline files in the run folder")
+    config_flag(p, "--device", train, "device")
+    config_flag(p, "--batch-size", train, "loader.batch_size")
+    config_flag(p, "--total-steps", train, "total_steps")
+    config_flag(p, "--wandb", train, "wandb.mode")
+    add_config_options(p, train)
+    add_config_options(p, convergence)
 
 
-def add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    from tasks.samples import DEMO_VIDEOS
+def demo_section() -> Section:
+    from flows.demo import demo_flow
 
-    p = sub.add_parser("demo", help="the whole pipeline on generated videos, on a CPU, in a few minutes")
-    p.add_argument("--workdir", default=None,
-                   help="where the videos, store and run folder go (default fvlm-demo; fvlm-demo-control with "
-                        "--control none)")
-    p.add_argument("--videos", type=int, default=DEMO_VIDEOS, help="sample videos to generate")
-    p.add_argument("--max-minutes", type=float, default=0.75, help="wall-clock budget of each training chunk")
-    p.add_argument("--max-chunks", type=int, default=6, help="most training chunks")
-    p.add_argument("--control", choices=["cue", "none"], default="cue",
-                   help="cue: videos where the foveated query can see what the next frame depends on (the ratio "
-                        "should end well above 1); none: the negative control, the same videos without the cue "
-                        "(the ratio should end at 1)")
+    return Section("demo", flow_parameters(demo_flow))
+
+
+def add_demo_options(p: argparse.ArgumentParser) -> None:
+    demo = demo_section()
+    for flag in ("--workdir", "--videos", "--max-minutes", "--max-chunks", "--control"):
+        config_flag(p, flag, demo, flag[2:].replace("-", "_"))
+    add_config_options(p, demo)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from flows.train import train_flow
-    from tasks.training import TrainConfig
 
-    config = TrainConfig.preset_config(args.preset)
-    updates: dict[str, Any] = {}
-    if args.device:
-        updates["device"] = args.device
-    if args.total_steps:
-        updates["total_steps"] = args.total_steps
-    if args.batch_size:
-        updates["loader"] = config.loader.model_copy(update={"batch_size": args.batch_size})
-    if args.wandb:
-        updates["wandb"] = config.wandb.model_copy(update={"mode": args.wandb})
-    config = config.model_copy(update=updates)
-    result = train_flow(store=args.store, run_dir=args.run_dir, preset=args.preset, max_minutes=args.max_minutes,
-                        max_chunks=args.max_chunks, resume=args.resume, train=config)
+    train, convergence = train_sections()
+    config, rule = build_config(args, train, args.preset), build_config(args, convergence, args.preset)
+    result = train_flow(store=args.store, run_dir=args.run_dir, preset=args.preset, resume=args.resume,
+                        train=config, convergence=rule)
     print(format_training(result, args.run_dir))
     return 0
 
@@ -77,8 +75,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo_flow
 
     started = time.monotonic()
-    out = demo_flow(workdir=args.workdir, videos=args.videos, max_minutes=args.max_minutes,
-                    max_chunks=args.max_chunks, control=args.control)
+    out = demo_flow(**build_config(args, demo_section()).model_dump(exclude_unset=True))
     root = Path(out["workdir"]).resolve()
     run_dir = root / "run"
     pictures = sorted((run_dir / "attention").glob("*.png"))

@@ -17,7 +17,6 @@ from prefect.cache_policies import NONE
 from flows.precompute import precompute_flow
 from flows.train import train_flow
 from model.encoders import EncoderConfig
-from tasks.decode import DecodeConfig
 from tasks.samples import DEMO_VIDEOS, ensure_demo_collection
 
 
@@ -50,8 +49,8 @@ def demo_flow(workdir: str | None = None, videos: int = DEMO_VIDEOS, max_minutes
     root = Path(workdir or demo_workdir(control))
     manifest = make_demo_videos_task(str(root / "videos"), videos, seed, control)
     store = str(root / "features.zarr")
-    info = precompute_flow(manifest=manifest, store=store, encoder=EncoderConfig(preset="demo", seed=seed),
-                           decode=DecodeConfig(workers=2), device="cpu")
+    info = precompute_flow(manifest=manifest, store=store, encoder=EncoderConfig.for_preset("demo", seed=seed),
+                           device="cpu")
     decision = train_flow(store=store, run_dir=str(root / "run"), preset="demo", max_minutes=max_minutes,
                           max_chunks=max_chunks)
     return {"workdir": str(root), "manifest": manifest, "control": control, "store": info, "training": decision}

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.flow_runs import wait_for_flow_run
+from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import BaseModel, Field
 
 from flows.infra import gpu_job_variables, gpu_queue
@@ -16,14 +20,8 @@ from model.encoders import EncoderConfig
 from storage.store import StoreConfig
 from tasks.decode import DecodeConfig
 from tasks.listing import ListingConfig, list_videos_task
-from tasks.precompute import (
-    PrecomputeConfig,
-    encode_chunks_task,
-    prepare_store_task,
-    report_store_task,
-    split_chunks,
-    store_counts,
-)
+from tasks.precompute import PrecomputeConfig, split_chunks, store_counts
+from tasks.precompute_tasks import encode_chunks_task, prepare_store_task, report_store_task
 from tasks.runtime import send_logs_to_prefect
 
 send_logs_to_prefect()
@@ -65,7 +63,7 @@ def precompute_flow(
     listing: ListingConfig = ListingConfig(),
     decode: DecodeConfig = DecodeConfig(),
     layout: StoreConfig = StoreConfig(),
-    device: str = "auto",
+    device: str = PrecomputeConfig.model_fields["device"].default,
     scale_out: ScaleOut = ScaleOut(),
 ) -> dict[str, Any]:
     """Manifest -> 20-60 s filter -> decoded frames -> DINOv2 + VAE features -> chunked Zarr store.
@@ -115,20 +113,29 @@ def run_workers(store: str, pending: list[int], config: PrecomputeConfig, scale_
         logger.info("chunks %d-%d of %s -> flow run %s (%s)", part[0], part[-1], store, run.name,
                     routing.get("work_queue_name", "the deployment's queue"))
         runs.append(run)
-    deadline = started + scale_out.timeout_hours * 3600
-    with get_client(sync_client=True) as client:
-        waiting = {run.id: run for run in runs}
-        while waiting:
-            for run_id in list(waiting):
-                state = client.read_flow_run(run_id).state
-                if state is not None and state.is_final():
-                    if not state.is_completed():
-                        raise RuntimeError(f"worker run {waiting[run_id].name} ended {state.type.value}: "
-                                           f"{state.message}; rerun the flow to finish the missing chunks")
-                    del waiting[run_id]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(waiting)} worker runs still running after {scale_out.timeout_hours} h")
-            time.sleep(2 if waiting else 0)
+    run_coro_as_sync(wait_for_workers(runs, started + scale_out.timeout_hours * 3600, scale_out.timeout_hours))
     after = store_counts(store)
     return [{"videos_ok": after["ok"] - before["ok"], "videos_failed": after["failed"] - before["failed"],
              "seconds": time.monotonic() - started, "workers": len(runs)}]
+
+
+async def wait_for_workers(runs: list[FlowRun], deadline: float, timeout_hours: float) -> None:
+    """Wait for all worker runs at once; fail on the first that ends other than completed, or at the deadline."""
+    async with get_client() as client:
+        waits = {asyncio.create_task(wait_for_flow_run(run.id, timeout=None, client=client)): run for run in runs}
+        pending = set(waits)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise TimeoutError(f"{len(pending)} worker runs still running after {timeout_hours} h")
+                for finished in done:
+                    state = finished.result().state
+                    if not state.is_completed():
+                        raise RuntimeError(f"worker run {waits[finished].name} ended {state.type.value}: "
+                                           f"{state.message}; rerun the flow to finish the missing chunks")
+        finally:  # stop the waits still running before their client closes
+            for wait in pending:
+                wait.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -15,18 +15,12 @@ from prefect import flow, get_run_logger, runtime
 from prefect.deployments import run_deployment
 from pydantic import Field
 
-from tasks.chain import decide_task, report_chunks_task, train_chunk_task
+from tasks.chain import attention_pictures_task, decide_task, report_chunks_task, train_chunk_task
 from tasks.convergence import ConvergenceConfig
 from tasks.runtime import send_logs_to_prefect
 from tasks.training import TrainConfig
 
 send_logs_to_prefect()
-
-
-def demo_convergence() -> ConvergenceConfig:
-    """The demo decides within minutes: a few hundred steps, a short window, a tolerance above the +-0.5-1.5 %
-    that its small held-out set moves between evaluations."""
-    return ConvergenceConfig(min_steps=300, window=3, tolerance_pct=1.0, max_chunks=8)
 
 
 def chunk_key(run_dir: str, chunk: int) -> str:
@@ -40,10 +34,10 @@ def resolve_configs(preset: Literal["demo", "full"], train: TrainConfig | None,
                     convergence: ConvergenceConfig | None, max_minutes: float | None,
                     max_chunks: int | None) -> tuple[TrainConfig, ConvergenceConfig]:
     """The preset's defaults, the given configs over them, then the two budget flags over those."""
-    config = train or TrainConfig.preset_config(preset)
+    config = train or TrainConfig.for_preset(preset)
     if max_minutes is not None:
         config = config.model_copy(update={"max_minutes": max_minutes})
-    rule = convergence or (demo_convergence() if preset == "demo" else ConvergenceConfig())
+    rule = convergence or ConvergenceConfig.for_preset(preset)
     if max_chunks is not None:
         rule = rule.model_copy(update={"max_chunks": max_chunks})
     return config, rule
@@ -82,6 +76,7 @@ def train_flow(
     while True:
         result = train_chunk_task(store, run_dir, config, resume)
         resume = None
+        draw_pictures(store, run_dir, config)
         decision = decide_task(run_dir, rule)
         report_chunks_task(run_dir, decision, config)
         if decision["done"]:
@@ -89,6 +84,14 @@ def train_flow(
         if runtime.deployment.id is not None:
             submit_next_chunk(run_dir, decision["chunks_done"] + 1)
             return {**decision, "last_chunk": result, "next_chunk_submitted": True}
+
+
+def draw_pictures(store: str, run_dir: str, config: TrainConfig) -> None:
+    """The chunk's attention pictures, as their own task: a picture that cannot be drawn is a warning in the
+    flow's log and a failed task run in the UI, never a stopped chain."""
+    state = attention_pictures_task(store, run_dir, config, return_state=True)
+    if state.is_failed():
+        get_run_logger().warning("no attention pictures for this chunk: %s", state.message)
 
 
 def submit_next_chunk(run_dir: str, chunk: int) -> None:

@@ -1,8 +1,10 @@
 """Configuration of the EfficientFoveatedModel (see ../shared/MODEL_SPEC.md) and of the LLM inside it."""
 
-from typing import Literal
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from model.presets import Presets, PresetTable
 
 SMOLLM2_135M_INSTRUCT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -39,10 +41,18 @@ class LLMShape(BaseModel):
         )
 
 
-class ModelConfig(BaseModel):
-    """Shapes and settings of EfficientFoveatedModel; the defaults are MODEL_SPEC.md's."""
+class ModelConfig(Presets, BaseModel):
+    """Shapes and settings of EfficientFoveatedModel; the defaults are MODEL_SPEC.md's.
+
+    Presets (`ModelConfig.for_preset`): `full` is the spec with the pretrained SmolLM2; `demo` has the same tensor
+    shapes with a tiny random LLM and small head widths, so that a CPU trains the demo in minutes.
+    """
 
     model_config = ConfigDict(extra="forbid")
+    PRESETS: ClassVar[PresetTable] = {
+        "full": {},
+        "demo": {"llm": None, "llm_shape": LLMShape.tiny(), "head_hidden": 64, "head_channels": (16, 32, 32)},
+    }
 
     feature_dim: int = Field(384, ge=1, description="D: width of a DINOv2 token (384 for ViT-S).")
     num_tokens: int = Field(325, ge=1, description="N: DINOv2 tokens per frame (CLS + 18x18 patches).")
@@ -67,13 +77,3 @@ class ModelConfig(BaseModel):
     attn_implementation: str = Field(
         "sdpa", description="Attention kernel of the LLM as transformers names it: sdpa, eager, flash_attention_2."
     )
-
-    @classmethod
-    def preset(cls, name: Literal["demo", "full"]) -> "ModelConfig":
-        """`full`: the spec with the pretrained SmolLM2; `demo`: same tensor shapes, tiny random LLM and head."""
-        if name == "full":
-            return cls()
-        if name == "demo":
-            # Small head widths so that a CPU trains the demo in minutes; input and output shapes stay the spec's.
-            return cls(llm=None, llm_shape=LLMShape.tiny(), head_hidden=64, head_channels=(16, 32, 32))
-        raise ValueError(f"unknown model preset {name!r}: use 'demo' or 'full'")

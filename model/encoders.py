@@ -15,50 +15,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+
+from model.encoder_config import DEMO_DINO_ID, DEMO_VAE_ID, EncoderConfig  # noqa: F401 (EncoderConfig: re-exported)
+from storage.attrs import VAE_SCALING_FACTOR
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEMO_DINO_ID = "demo:sincos-dinov2"
-DEMO_VAE_ID = "demo:colour-vae"
 
 
 class EncoderLoadError(RuntimeError):
     """An encoder could not be loaded; the message names the setting to change."""
-
-
-class EncoderConfig(BaseModel):
-    """Which DINOv2 and VAE to run, and how."""
-
-    preset: Literal["demo", "full"] = Field("full", description="demo: tiny random encoders; full: real weights")
-    dino: str = Field("facebook/dinov2-small", description="DINOv2 hub id or local folder (full preset)")
-    dino_revision: str | None = Field(None, description="hub revision (commit or tag) of the DINOv2 weights")
-    vae: str = Field("stabilityai/sd-vae-ft-mse", description="SD-VAE hub id or local folder (full preset)")
-    vae_revision: str | None = Field(None, description="hub revision of the VAE weights")
-    frame_size: int = Field(256, ge=14, description="frames are square, this many pixels a side")
-    batch_frames: int | None = Field(
-        None, ge=1, description="frames per encoder call; None: 384 on a GPU (frames of many videos at once), "
-                                "32 on a CPU (larger batches spill out of the CPU caches and run slower)")
-    half_precision: bool = Field(True, description="run the encoders in float16 on a GPU")
-    seed: int = Field(0, description="seed of the demo encoders' random weights")
-
-    @classmethod
-    def preset_config(cls, name: Literal["demo", "full"], **overrides: Any) -> "EncoderConfig":
-        return cls(preset=name, **overrides)
-
-    @property
-    def dino_id(self) -> str:
-        return DEMO_DINO_ID if self.preset == "demo" else self.dino
-
-    @property
-    def vae_id(self) -> str:
-        return DEMO_VAE_ID if self.preset == "demo" else self.vae
 
 
 def _tiny_dino_config():
@@ -118,7 +90,7 @@ class LatentEncoder(torch.nn.Module):
 
 
 class SDVAELatents(LatentEncoder):
-    """An AutoencoderKL's posterior mean times its scaling factor (SD-VAE: 0.18215), as the seed stores it."""
+    """An AutoencoderKL's posterior mean times its scaling factor (SD-VAE: VAE_SCALING_FACTOR), as the seed stores it."""
 
     def __init__(self, vae: torch.nn.Module):
         super().__init__()
@@ -170,7 +142,7 @@ def describe_encoders(config: EncoderConfig) -> dict[str, Any]:
                  "tokens": (config.frame_size // dino["patch_size"]) ** 2 + 1, "dim": dino["hidden_size"],
                  "normalize": "imagenet"},
         "vae": {"id": config.vae_id, "revision": config.vae_revision, "seed": None,
-                "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
+                "scaling_factor": float(vae.get("scaling_factor", VAE_SCALING_FACTOR)),
                 "output": "latent_dist.mean * scaling_factor",
                 "latent_shape": [vae["latent_channels"], latent_size, latent_size]},
     }
@@ -236,9 +208,6 @@ class FrameEncoder:
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self._mean, self._std = mean, std
-
-    def describe(self) -> dict[str, Any]:
-        return describe_encoders(self.config)
 
     @torch.inference_mode()
     def encode(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

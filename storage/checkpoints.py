@@ -19,11 +19,12 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from storage.staging import atomic_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,30 +62,24 @@ class CheckpointStore:
         """Write atomically (temporary file, fsync, digest, rename), then prune old checkpoints."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         final = self.path_for(step)
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=self.run_dir)
+        # Serialised in memory first: torch.save reports a failed write as an opaque RuntimeError ("enforce fail
+        # ... unexpected pos"), a plain file write as the OSError it is (disk full, read-only).
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getbuffer()
         try:
-            # Serialised in memory first: torch.save reports a failed write as an opaque RuntimeError ("enforce
-            # fail ... unexpected pos"), a plain file write as the OSError it is (disk full, read-only).
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            data = buffer.getbuffer()
-            with os.fdopen(fd, "wb") as f:
+            with atomic_file(final) as f:  # renamed into place after the digest: no checkpoint without its digest
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            _write_atomic(digest_path(final), f"{hashlib.sha256(data).hexdigest()}  {final.name}\n")
+                write_atomic(digest_path(final), f"{hashlib.sha256(data).hexdigest()}  {final.name}\n")
+        except OSError as err:  # disk full, file-size limit, read-only: the older checkpoints are intact
+            latest = self.latest()
+            raise CheckpointError(
+                f"could not write checkpoint {final.name} in {self.run_dir}: {err.strerror or err}; free disk "
+                f"space or check that the folder is writable, then run again: it resumes from "
+                f"{latest.name if latest else 'the start'}"
+            ) from err
+        finally:
             del data
-            os.replace(tmp, final)
-        except BaseException as err:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(err, OSError):  # disk full, file-size limit, read-only: the older checkpoints are intact
-                latest = self.latest()
-                raise CheckpointError(
-                    f"could not write checkpoint {final.name} in {self.run_dir}: {err.strerror or err}; free disk "
-                    f"space or check that the folder is writable, then run again: it resumes from "
-                    f"{latest.name if latest else 'the start'}"
-                ) from err
-            raise
         _fsync_dir(self.run_dir)
         self.prune()
         log.info("saved checkpoint %s", final)
@@ -179,19 +174,6 @@ def _read_digest(checkpoint: Path) -> str | None:
     except (FileNotFoundError, UnicodeDecodeError):
         return None
     return text[0] if text else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _set_aside(path: Path) -> None:

@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from storage.attrs import SEED_WINDOW_FRAMES, VAE_SCALING_FACTOR, EncoderRecord, SamplingRecord, StoreAttrs
 from storage.checkpoints import describe_load_error
 from storage.store import FAILED, OK, ChunkRows, FeatureShapes, FeatureStore, StoreConfig, StoreError
 
 log = logging.getLogger(__name__)
-
-SEED_DINO = "facebook/dinov2-small"
-SEED_VAE = "stabilityai/sd-vae-ft-mse"
 
 
 class SeedFileError(ValueError):
@@ -65,9 +61,28 @@ def _shapes_from(files: list[Path]) -> FeatureShapes:
     raise StoreError(f"none of the {len(files)} .pt files can be read: nothing to import")
 
 
+def seed_store_attrs(folder: Path, files: list[Path], shapes: FeatureShapes, dino_id: str,
+                     vae_id: str) -> StoreAttrs:
+    """What a store imported from the seed's files records: their encoders and, assumed, the seed's window."""
+    return StoreAttrs(
+        frame_size=None, resize="unknown (imported)", encoder_preset="full",
+        # The seed's precompute_dino.py keeps 24 of the first 72 frames; its files do not say so themselves.
+        sampling=SamplingRecord(mode="window", window_frames=SEED_WINDOW_FRAMES, frames=shapes.frames,
+                                rule="imported .pt files, assumed made by the seed's precompute_dino.py (24 of the "
+                                     "first 72 frames); seconds between frames unknown"),
+        dino=EncoderRecord(id=dino_id, tokens=shapes.tokens, dim=shapes.feature_dim),
+        vae=EncoderRecord(id=vae_id, scaling_factor=VAE_SCALING_FACTOR, latent_shape=list(shapes.latent_shape)),
+        listing={"manifest": str(folder), "source": "import-pt", "rows": len(files), "kept": len(files),
+                 "dropped": {}},
+    )
+
+
 def import_pt_folder(folder: str | os.PathLike, store_path: str | os.PathLike, config: StoreConfig | None = None,
-                     dino_id: str = SEED_DINO, vae_id: str = SEED_VAE) -> dict[str, Any]:
-    """Convert every `*.pt` of a folder into a store; a rerun only does chunks that are not complete."""
+                     *, dino_id: str, vae_id: str) -> dict[str, Any]:
+    """Convert every `*.pt` of a folder into a store; a rerun only does chunks that are not complete.
+
+    dino_id, vae_id: the encoders the files came from (`fvlm store import-pt` defaults to EncoderConfig's, the
+    seed's)."""
     folder, store_path = Path(folder), Path(store_path)
     files = sorted(folder.glob("*.pt"))
     if not files:
@@ -79,25 +94,9 @@ def import_pt_folder(folder: str | os.PathLike, store_path: str | os.PathLike, c
             raise StoreError(f"store {store_path} holds other videos than {folder}; import into a new store")
     else:
         shapes = _shapes_from(files)
-        attrs = {
-            "frame_size": None, "resize": "unknown (imported)", "encoder_preset": "full",
-            # The seed's precompute_dino.py keeps 24 of the first 72 frames; its files do not say so themselves.
-            "sampling": {"mode": "window", "window_frames": 72, "frames": shapes.frames,
-                         "rule": "imported .pt files, assumed made by the seed's precompute_dino.py (24 of the "
-                                 "first 72 frames); seconds between frames unknown"},
-            "dino": {"id": dino_id, "revision": None, "tokens": shapes.tokens, "dim": shapes.feature_dim},
-            "vae": {"id": vae_id, "revision": None, "scaling_factor": 0.18215,
-                    "latent_shape": list(shapes.latent_shape)},
-            "listing": {"manifest": str(folder), "source": "import-pt", "rows": len(files), "kept": len(files),
-                        "dropped": {}},
-        }
-        store_path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{store_path.name}.creating-", dir=store_path.parent))
-        shutil.rmtree(staging)
-        FeatureStore.create(staging, ids, [""] * len(ids), [str(f.resolve()) for f in files],
-                            [float("nan")] * len(ids), attrs, config, shapes)
-        os.replace(staging, store_path)
-        store = FeatureStore.open(store_path, mode="r+")
+        store = FeatureStore.create(store_path, ids, [""] * len(ids), [str(f.resolve()) for f in files],
+                                    [float("nan")] * len(ids), seed_store_attrs(folder, files, shapes, dino_id, vae_id),
+                                    config, shapes, atomic=True)
     for chunk in store.pending_chunks():
         store.write_chunk(chunk, _read_chunk(store, files, chunk))
     counts = store.counts()

@@ -36,9 +36,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -48,6 +46,7 @@ from pydantic import BaseModel, Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from storage.store import OK, FeatureStore, StoreError
+from storage.zarr_files import chunk_file, raw_chunk_folder
 
 log = logging.getLogger(__name__)
 
@@ -202,30 +201,6 @@ def _rows_by_chunk(rows: np.ndarray, chunk_videos: int) -> Iterator[tuple[int, n
         yield int(chunks[start]), positions[start:stop]
 
 
-def _chunk_folder(array: zarr.Array) -> Path | None:
-    """The folder of `array` when its chunk files are raw C-order native-endian bytes on a local disk, else None.
-
-    That holds for zarr v3 arrays in a LocalStore whose only codec is the `bytes` codec (no compressor, no
-    filter, no sharding) with the machine's byte order and chunks of whole videos; zarr writes such a chunk as
-    `ravel()` of the chunk in C order, edge chunks padded to the full chunk shape.
-    """
-    from zarr.codecs import BytesCodec
-    from zarr.storage import LocalStore
-
-    store = array.store_path.store
-    codecs = getattr(array.metadata, "codecs", None)
-    if array.metadata.zarr_format != 3 or not isinstance(store, LocalStore) or codecs is None:
-        return None
-    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
-        return None
-    if tuple(array.chunks[1:]) != tuple(array.shape[1:]):  # a chunk must hold whole videos (as the store makes)
-        return None
-    endian = codecs[0].endian
-    if array.dtype.itemsize > 1 and (endian is None or endian.value != sys.byteorder):
-        return None
-    return Path(store.root) / array.store_path.path
-
-
 class _ArrayReader:
     """Copies the chosen frames of rows of one (V, F, ...) array into an output buffer (B, T, ...)."""
 
@@ -236,7 +211,7 @@ class _ArrayReader:
         self.chunk_videos = array.chunks[0]
         self.stored_frames = array.shape[1]
         self.frame_bytes = int(np.prod(array.shape[2:])) * array.dtype.itemsize
-        folder = _chunk_folder(array) if direct is not False else None
+        folder = raw_chunk_folder(array) if direct is not False else None
         if direct and folder is None:
             raise LoaderError(f"array {array.path} is compressed, sharded or remote: "
                               "its chunk files cannot be read directly")
@@ -253,8 +228,7 @@ class _ArrayReader:
                 self._read_zarr(chunk, rows, positions, out)
 
     def _read_file(self, chunk: int, rows: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
-        key = self.array.metadata.encode_chunk_key((chunk,) + (0,) * (self.array.ndim - 1))
-        path = self.folder / key
+        path = chunk_file(self.array, chunk)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -413,7 +387,7 @@ def make_train_loader(store_path: str | os.PathLike, train_rows: np.ndarray, con
     log.info("train loader: %d rows, %d batches of %d per epoch, from epoch %d batch %d, %d workers, %s",
              dataset.train_rows.size, dataset.batches_per_epoch, config.batch_size, position.epoch,
              position.batch, config.num_workers,
-             "direct chunk reads" if _chunk_folder(store.group["dino_features"]) else "zarr reads")
+             "direct chunk reads" if raw_chunk_folder(store.group["dino_features"]) else "zarr reads")
     extra: dict[str, Any] = {}
     if config.num_workers > 0:
         extra["prefetch_factor"] = config.prefetch_factor

@@ -31,17 +31,19 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import zarr
 from pydantic import BaseModel, Field
 
+from storage.attrs import SCHEMA_VERSION, Mismatch, StoreAttrs, StoreExpectation, compare
+from storage.staging import staged_folder
+from storage.zarr_files import is_url, remove_partial_files
+
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
 PENDING, OK, FAILED = 0, 1, 2
-STATUS_NAMES = {PENDING: "pending", OK: "ok", FAILED: "failed"}
 ROW_ARRAYS = ("status", "video_id", "caption", "source", "error", "duration_s", "frame_interval_s")
 
 
@@ -103,7 +105,8 @@ class FeatureStore:
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
         self.path = path
-        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.attrs: dict[str, Any] = dict(group.attrs)  # the record as stored; code reads `attributes`
+        self.attributes = StoreAttrs.model_validate(self.attrs)
         features = group["dino_features"]
         self.num_videos: int = features.shape[0]
         self.chunk_videos: int = features.chunks[0]
@@ -124,51 +127,65 @@ class FeatureStore:
         captions: Sequence[str],
         sources: Sequence[str],
         durations: Sequence[float],
-        attrs: dict[str, Any],
+        attrs: StoreAttrs | Mapping[str, Any] | None = None,
         config: StoreConfig | None = None,
         shapes: FeatureShapes | None = None,
+        atomic: bool = False,
     ) -> "FeatureStore":
-        """Create every array at full size and write the row metadata; all rows start pending."""
-        config = config or StoreConfig()
-        shapes = shapes or FeatureShapes()
+        """Create every array at full size and write the row metadata; all rows start pending.
+
+        `attrs`: what the caller knows (encoders, sampling, listing summary); the layout is added here. With
+        `atomic`, a local store is built under a temporary name and renamed into place (storage.staging), so a
+        run killed while creating it leaves nothing half made behind; a write failure is a StoreWriteError.
+        """
+        config, shapes = config or StoreConfig(), shapes or FeatureShapes()
         n = len(video_ids)
         if not (len(captions) == len(sources) == len(durations) == n):
             raise ValueError("video_ids, captions, sources and durations must have the same length")
         if n == 0:
             raise StoreError(f"no videos to store at {path}: the listing kept none (see its summary)")
+        record = StoreAttrs.model_validate(attrs or {}).model_copy(update={
+            "schema_version": SCHEMA_VERSION, "frames": shapes.frames, "tokens": shapes.tokens,
+            "feature_dim": shapes.feature_dim, "latent_shape": list(shapes.latent_shape),
+            "chunk_videos": config.chunk_videos, "compression": config.compression,
+        })
+        columns = (video_ids, captions, sources, durations)
         path = str(path)
-        k = config.chunk_videos
+        if not atomic or is_url(path):
+            return cls._build(path, columns, record, config, shapes)
+        final = Path(path)
+        if final.exists() and (not final.is_dir() or any(final.iterdir())):
+            raise StoreError(f"{final} exists and is not a feature store; choose another --store or remove it")
+        try:
+            with staged_folder(final) as staging:
+                cls._build(str(staging), columns, record, config, shapes)
+        except OSError as err:
+            raise StoreWriteError(describe_write_error(path, "the new store", err)) from err
+        return cls.open(path, mode="r+")
+
+    @classmethod
+    def _build(cls, path: str, columns: tuple[Sequence, ...], record: StoreAttrs, config: StoreConfig,
+               shapes: FeatureShapes) -> "FeatureStore":
+        """Every array at full size, the row columns, then the attributes: a group without `schema_version` is
+        one whose creation was interrupted."""
+        video_ids, captions, sources, durations = columns
+        n, k = len(video_ids), config.chunk_videos
         group = zarr.open_group(path, mode="w-")
         compressors = None if config.compression == "none" else zarr.codecs.ZstdCodec(level=3)
-
-        def feature_array(name: str, per_video: tuple[int, ...]) -> None:
-            group.create_array(
-                name, shape=(n, *per_video), chunks=(k, *per_video), dtype="float16",
-                compressors=compressors, fill_value=0.0,
-            )
-
-        feature_array("dino_features", (shapes.frames, shapes.tokens, shapes.feature_dim))
-        feature_array("latents", (shapes.frames, *shapes.latent_shape))
+        for name, per_video in (("dino_features", (shapes.frames, shapes.tokens, shapes.feature_dim)),
+                                ("latents", (shapes.frames, *shapes.latent_shape))):
+            group.create_array(name, shape=(n, *per_video), chunks=(k, *per_video), dtype="float16",
+                               compressors=compressors, fill_value=0.0)
         group.create_array("status", shape=(n,), chunks=(k,), dtype="uint8", fill_value=PENDING)
         for name in ("duration_s", "frame_interval_s"):
             group.create_array(name, shape=(n,), chunks=(k,), dtype="float32", fill_value=float("nan"))
         for name in ("video_id", "caption", "source", "error"):
             group.create_array(name, shape=(n,), chunks=(k,), dtype=str, fill_value="")
-
         group["video_id"][:] = np.asarray(video_ids, dtype=object)
         group["caption"][:] = np.asarray(captions, dtype=object)
         group["source"][:] = np.asarray(sources, dtype=object)
         group["duration_s"][:] = np.asarray(durations, dtype=np.float32)
-        group.attrs.update({
-            "schema_version": SCHEMA_VERSION,
-            "frames": shapes.frames,
-            "tokens": shapes.tokens,
-            "feature_dim": shapes.feature_dim,
-            "latent_shape": list(shapes.latent_shape),
-            "chunk_videos": k,
-            "compression": config.compression,
-            **attrs,
-        })
+        group.attrs.update(record.to_json())
         log.info("created store %s: %d videos in %d chunks of %d", path, n, -(-n // k), k)
         return cls(group, path)
 
@@ -176,7 +193,7 @@ class FeatureStore:
     def open(cls, path: str | os.PathLike, mode: Literal["r", "r+"] = "r") -> "FeatureStore":
         """Open an existing store, checking that it is one of ours and of a schema this code reads."""
         path = str(path)
-        if "://" not in path and not Path(path).exists():
+        if not is_url(path) and not Path(path).exists():
             raise StoreError(f"feature store {path} does not exist (run `fvlm precompute` or check --store)")
         try:
             group = zarr.open_group(path, mode=mode)
@@ -198,13 +215,18 @@ class FeatureStore:
     @classmethod
     def exists(cls, path: str | os.PathLike) -> bool:
         path = str(path)
-        if "://" in path:
+        if is_url(path):
             try:
                 zarr.open_group(path, mode="r")
                 return True
             except (FileNotFoundError, zarr.errors.GroupNotFoundError):
                 return False
         return (Path(path) / "zarr.json").exists()
+
+    def check_compatible(self, expected: StoreExpectation) -> list[Mismatch]:
+        """Every way this store differs from what a run needs (precompute continuing it, training reading it)."""
+        dtypes = {name: str(self.group[name].dtype) for name in ("dino_features", "latents")}
+        return compare(self.attributes, expected, dtypes)
 
     # ---- rows and chunks --------------------------------------------------------------------------
 
@@ -247,6 +269,10 @@ class FeatureStore:
             frame_interval_s=np.asarray(self.group["frame_interval_s"][sl], dtype=np.float32),
         )
 
+    def read_features(self, row: int) -> np.ndarray:
+        """The stored DINO features of one row: (F, N, D) float16."""
+        return np.asarray(self.group["dino_features"][row])
+
     def write_chunk(self, chunk: int, rows: ChunkRows) -> None:
         """Write one whole chunk, each array in one call, and `status` last: the commit mark."""
         span = self.chunk_rows(chunk)
@@ -258,7 +284,8 @@ class FeatureStore:
             raise ValueError(f"features per video must be {expected}, got {tuple(rows.features.shape[1:])}")
         sl = slice(span.start, span.stop)
         try:
-            self._remove_partial_files(chunk)
+            for name in ("dino_features", "latents", *ROW_ARRAYS):
+                remove_partial_files(self.group[name], chunk)
             self.group["dino_features"][sl] = rows.features.astype(np.float16, copy=False)
             self.group["latents"][sl] = rows.latents.astype(np.float16, copy=False)
             self.group["error"][sl] = np.asarray(rows.error, dtype=object)
@@ -270,24 +297,6 @@ class FeatureStore:
         except OSError as err:  # status is written last: nothing of this chunk is committed
             what = f"chunk {chunk} (rows {span.start}-{span.stop - 1}; they stay pending)"
             raise StoreWriteError(describe_write_error(self.path, what, err)) from err
-
-    def _remove_partial_files(self, chunk: int) -> None:
-        """Remove the temporary `*.partial` files a killed writer of this chunk left behind.
-
-        zarr's local store writes each chunk file to `<key>.<uuid>.partial` and renames it into place; a process
-        killed in between leaves the temporary file. Only the writer that owns a chunk calls this, so no live
-        write of another process is touched.
-        """
-        if "://" in self.path:
-            return
-        root = Path(self.path)
-        for name in ("dino_features", "latents", *ROW_ARRAYS):
-            array = self.group[name]
-            key = array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
-            target = root / name / key
-            for leftover in target.parent.glob(f"{target.name}.*.partial"):
-                log.info("removing %s, left by a writer that was stopped mid-write", leftover)
-                leftover.unlink(missing_ok=True)
 
     # ---- reporting --------------------------------------------------------------------------------
 
@@ -314,7 +323,7 @@ class FeatureStore:
 
     def disk_bytes(self) -> int | None:
         """Bytes the store takes on a local disk (None for remote stores)."""
-        if "://" in self.path:
+        if is_url(self.path):
             return None
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
 
@@ -346,8 +355,8 @@ class FeatureStore:
             "chunk_videos": self.chunk_videos,
             "failures": failures,
             "failed_by_reason": by_reason,
-            "listing": self.attrs.get("listing", {}),
-            "sampling": self.attrs.get("sampling"),
+            "listing": self.attributes.listing,
+            "sampling": self.attributes.sampling.model_dump(mode="json"),
             "frame_interval": self.frame_spacing(),
             "sizes": {
                 "disk_bytes": disk,
@@ -356,8 +365,3 @@ class FeatureStore:
             },
             "attributes": attrs,
         }
-
-    def update_attrs(self, **values: Any) -> None:
-        """Only the process that owns the store (the one that created it) should call this."""
-        self.group.attrs.update(values)
-        self.attrs.update(values)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from model.encoder_config import FRAME_SIZE
 from model.foveated import EfficientFoveatedModel
 from storage.loader import frame_indices
 from storage.store import FeatureStore
@@ -94,14 +95,14 @@ def save_attention_pictures(model: EfficientFoveatedModel, store_path: str, rows
     ids = store.read_column("video_id")
     sources = store.read_column("source")
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame_size = int(store.attrs.get("frame_size") or 256)
-    sampling = store.attrs.get("sampling") or {}
-    window = sampling.get("window_frames") if sampling.get("mode") == "window" else None
+    frame_size = store.attributes.frame_size or FRAME_SIZE
+    sampling = store.attributes.sampling
+    window = sampling.window_frames if sampling.mode == "window" else None
     paths = []
     was_training = model.training
     model.eval()
     for row in rows:
-        features = torch.from_numpy(np.asarray(store.group["dino_features"][row])[used])  # (T, N, D)
+        features = torch.from_numpy(store.read_features(row)[used])  # (T, N, D)
         maps = model.attention_maps(features[None].to(device))
         arrays = {name: m[0].float().cpu().numpy() for name, m in maps.items()}
         frames_shown = source_frames(str(sources[row]), store.shapes.frames, used, frame_size, window)

@@ -9,8 +9,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
+from storage.run_folder import RunFolder
 from tasks.convergence import ConvergenceConfig, Decision, decide, write_state
-from tasks.training import TrainConfig, read_history, resolve_wandb_mode, train_chunk
+from tasks.metrics import resolve_wandb_mode
+from tasks.training import TrainConfig, draw_chunk_pictures, read_history, train_chunk
 
 
 @task(name="train-chunk", cache_policy=NONE)
@@ -20,6 +22,14 @@ def train_chunk_task(store: str, run_dir: str, config: TrainConfig, resume: str 
     get_run_logger().info("chunk %d: steps %d -> %d in %.0f s, held-out ratio %.4f (%s)", result.chunk,
                           result.start_step, result.step, result.seconds, result.eval["ratio"], result.stopped_by)
     return result.as_dict()
+
+
+@task(name="attention-pictures", cache_policy=NONE)
+def attention_pictures_task(store: str, run_dir: str, config: TrainConfig) -> list[str]:
+    """Draw where the coarse and the fine query look, for the first held-out videos, under the latest checkpoint."""
+    paths = draw_chunk_pictures(store, run_dir, config)
+    get_run_logger().info("%d attention pictures in %s", len(paths), RunFolder(run_dir).attention_dir)
+    return [str(p) for p in paths]
 
 
 @task(name="decide-convergence", cache_policy=NONE)
@@ -83,7 +93,7 @@ def report_chunks_task(run_dir: str, decision: dict[str, Any], config: TrainConf
         return
     d = Decision(**decision)
     wandb_run_id = history[-1].get("wandb_run_id", "")
-    pictures = history[-1].get("pictures", [])
+    pictures = [str(p) for p in RunFolder(run_dir).pictures(history[-1]["chunk"])]
     create_table_artifact(key="train-chunks", table=chunk_table(history, d),
                           description=f"Training chunks of {run_dir}")
     create_markdown_artifact(key="train-ratio-history",

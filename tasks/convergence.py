@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, model_validator
 
-STATE = "state.json"
+from model.presets import Presets, PresetTable
+from storage.run_folder import RunFolder
 
+class ConvergenceConfig(Presets, BaseModel):
+    """When the chain of chunks stops: the ratio has settled, or a budget is spent.
 
-class ConvergenceConfig(BaseModel):
-    """When the chain of chunks stops: the ratio has settled, or a budget is spent."""
+    Presets (`ConvergenceConfig.for_preset`): `demo` decides within minutes: a few hundred steps, a short window, a
+    tolerance above the +-0.5-1.5 % that its small held-out set moves between evaluations.
+    """
+
+    PRESETS: ClassVar[PresetTable] = {
+        "full": {},
+        "demo": {"min_steps": 300, "window": 3, "tolerance_pct": 1.0, "max_chunks": 8},
+    }
 
     min_steps: int = Field(2_000, ge=0, description="no decision before the run has trained this many steps")
     window: int = Field(4, ge=2, description="evaluations (one per chunk) the change is measured over")
@@ -127,17 +133,11 @@ def _settled(history: list[dict[str, Any]], config: ConvergenceConfig) -> tuple[
 
 
 def read_state(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / STATE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return RunFolder(run_dir).read_state()
 
 
 def write_state(run_dir: str | Path, decision: Decision, **extra: Any) -> dict[str, Any]:
     """state.json: chunks_done, converged, reason, last ratio and improvement_pct (atomically replaced)."""
     state = {**decision.as_dict(), **extra, "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(tmp, run_dir / STATE)
+    RunFolder(run_dir).write_state(state)
     return state

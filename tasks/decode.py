@@ -7,10 +7,9 @@ the 24 frames over the whole video (`window=None`) is another experiment (frames
 cuts) and only an explicit option.
 
 `read_clip` decodes one file in this process (`decode_clip`: its frames alone). `DecodePool` runs it in worker
-processes, because decord can
-hang forever in native code holding the GIL (decord issue 373) or crash the process: the parent measures a
-timeout per video, kills (SIGKILL) and replaces a worker that overruns it or dies, and turns that video into
-an error result, so a bad file never stops a batch.
+processes (a `tasks.workers.WorkerPool`), because decord can hang forever in native code holding the GIL (decord
+issue 373) or crash the process: the parent measures a timeout per video, kills (SIGKILL) and replaces a worker
+that overruns it or dies, and turns that video into an error result, so a bad file never stops a batch.
 
 What decord (the `decord2` build) does, measured with decord2 3.4 and ffmpeg 8/9 files:
 - Stream: ffmpeg's "best" video stream (`av_find_best_stream`), which is not always stream #0: for a file with
@@ -38,25 +37,23 @@ What decord (the `decord2` build) does, measured with decord2 3.4 and ffmpeg 8/9
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import re
-import signal
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import decord
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
+from model.encoder_config import FRAME_SIZE
+from storage.attrs import SEED_WINDOW_FRAMES, SamplingRecord
+
+from tasks.workers import Messages, WorkerPool, WorkerPoolError
+
 log = logging.getLogger(__name__)
 
 
-SEED_WINDOW_FRAMES = 72  # the seed's `-frames:v num_frames * 3`
 
 
 class DecodeConfig(BaseModel):
@@ -69,7 +66,8 @@ class DecodeConfig(BaseModel):
                               "(another experiment: frames seconds apart)")
     window_frames: int = Field(SEED_WINDOW_FRAMES, ge=1, le=100_000,
                                description="length of the window in frames (sampling=window); the seed's is 72")
-    size: int = Field(256, ge=8, le=4096, description="short side resized to this, then centre crop size x size")
+    size: int = Field(FRAME_SIZE, ge=8, le=4096, description="short side resized to this, then centre crop size x "
+                                                             "size (a precompute needs encoder.frame_size here)")
     timeout_s: float = Field(120.0, gt=0, description="seconds one video may take before its worker is killed")
     workers: int = Field(2, ge=1, le=256, description="decode worker processes")
     threads_per_worker: int = Field(1, ge=0, le=64, description="decoder threads per worker (0: ffmpeg decides)")
@@ -85,23 +83,19 @@ class DecodeConfig(BaseModel):
         """Frames of the window, or None when the frames are spread over the whole video."""
         return self.window_frames if self.sampling == "window" else None
 
-    def describe_sampling(self) -> dict[str, Any]:
-        """How the frames of a row were chosen, as a store records it (a rerun must choose them the same way)."""
+    @property
+    def resize_rule(self) -> str:
+        """How frames are resized, in words (a store records it)."""
+        return f"short side to {self.size} (bicubic, in the decoder), centre crop {self.size}x{self.size}"
+
+    def sampling_record(self) -> SamplingRecord:
+        """How the frames of a row are chosen, as a store records it (a rerun must choose them the same way)."""
         if self.sampling == "window":
             rule = (f"the first {self.window_frames} decodable frames (n = {self.window_frames} unless the file is "
                     f"shorter), {self.frames} kept at floor(linspace(0, n-1, {self.frames}))")
         else:
             rule = f"{self.frames} frames at rounded evenly spaced indices over all decodable frames"
-        return {"mode": self.sampling, "window_frames": self.window, "frames": self.frames, "rule": rule}
-
-
-def describe_window(sampling: dict[str, Any]) -> str:
-    """'24 of the first 72 frames' / '24 frames spread over the whole video', from a sampling attribute."""
-    if sampling.get("mode") == "window":
-        return f"{sampling.get('frames')} of the first {sampling.get('window_frames')} frames"
-    if sampling.get("mode") == "spread":
-        return f"{sampling.get('frames')} frames spread over the whole video"
-    return "frames chosen by an unknown rule"
+        return SamplingRecord(mode=self.sampling, window_frames=self.window, frames=self.frames, rule=rule)
 
 
 class DecodeError(Exception):
@@ -241,33 +235,6 @@ class _FrameFailed(Exception):
         self.index, self.reason = index, reason
 
 
-def read_random_access(open_sized: Callable[[], decord.VideoReader], indices: np.ndarray) -> np.ndarray:
-    """All frames in one decord batch; on failure, frame by frame to find the first one that fails."""
-    try:
-        return open_sized().get_batch(indices).asnumpy()  # (T, H, W, 3)
-    except decord.DECORDError:
-        pass
-    reader, frames, previous = open_sized(), {}, -1
-    for i in np.unique(indices):
-        try:
-            frames[int(i)] = reader.get_batch([int(i)]).asnumpy()[0]
-        except decord.DECORDError as err:
-            raise _FrameFailed(first_failure(open_sized, previous + 1, int(i)), describe_decord_error(err)) from None
-        previous = int(i)
-    return np.stack([frames[int(i)] for i in indices])  # the batch call failed, single frames did not
-
-
-def first_failure(open_sized: Callable[[], decord.VideoReader], start: int, failing: int) -> int:
-    """The first frame in [start, failing] that does not decode (`failing` is known to fail)."""
-    reader = open_sized()
-    for j in range(start, failing):
-        try:
-            reader.get_batch([j])
-        except decord.DECORDError:
-            return j
-    return failing
-
-
 def read_sequential(reader: decord.VideoReader, indices: np.ndarray) -> np.ndarray:
     """Decode from the first frame on and keep the wanted ones: right even when timestamps are missing."""
     wanted, kept = set(int(i) for i in indices), {}
@@ -281,6 +248,30 @@ def read_sequential(reader: decord.VideoReader, indices: np.ndarray) -> np.ndarr
         if position in wanted:
             kept[position] = frame.asnumpy()
     return np.stack([kept[int(i)] for i in indices])
+
+
+def read_frames(open_sized: Callable[[], decord.VideoReader], indices: np.ndarray, seekable: bool,
+                tries: int = 3) -> np.ndarray:
+    """The frames at `indices`: in one decord batch when the file can be seeked, else (or when the batch fails)
+    decoded in order from the first frame, which is right even without timestamps.
+
+    decord reports a bad packet ahead (a cut-off tail) at an earlier frame than its own, and at another one from
+    read to read on a busy machine: 30 reads under load of a 49-frame file whose first 46 frames decode failed
+    anywhere from frame 28 to 46. So a failure is read again, and the latest failing frame of `tries` reads is
+    the one that counts (one read in ten was early there, so three rarely all are).
+    """
+    if seekable:
+        try:
+            return open_sized().get_batch(indices).asnumpy()  # (T, H, W, 3)
+        except decord.DECORDError:
+            pass
+    latest: _FrameFailed | None = None
+    for _ in range(tries):
+        try:
+            return read_sequential(open_sized(), indices)
+        except _FrameFailed as fail:
+            latest = fail if latest is None or fail.index > latest.index else latest
+    raise latest
 
 
 class Clip(NamedTuple):
@@ -300,6 +291,30 @@ def frame_interval(starts: np.ndarray | None, fps: float, indices: np.ndarray) -
     if fps > 0 and np.isfinite(fps):
         return float(indices[-1] - indices[0]) / (len(indices) - 1) / fps
     return float("nan")
+
+
+class VideoProbe(NamedTuple):
+    """What read_clip needs to know of a file before decoding its frames."""
+
+    count: int  # frames decord indexed
+    out_w: int  # size the decoder scales to, short side `size`
+    out_h: int
+    starts: np.ndarray  # (count,) presentation times in seconds
+    seekable: bool  # timestamps strictly increasing: random access is safe
+    fps: float  # average frame rate
+
+
+def probe_video(path: str, num_threads: int, size: int) -> VideoProbe:
+    """Frame count, scaled size, timestamps and frame rate of a file; its first frame must decode."""
+    probe = open_reader(path, num_threads)
+    count = len(probe)
+    try:
+        height, width = probe.next().shape[:2]  # the upright picture's size (rotation already applied)
+    except (decord.DECORDError, StopIteration) as err:
+        raise DecodeError(f"frame 0 of {count} cannot be decoded: {describe_decord_error(err)}") from None
+    out_w, out_h = output_size(width, height, size)
+    starts = frame_starts(probe)
+    return VideoProbe(count, out_w, out_h, starts, _increasing(starts), float(probe.get_avg_fps()))
 
 
 def decode_clip(path: str | Path, frames: int = 24, size: int = 256, num_threads: int = 1,
@@ -324,17 +339,7 @@ def read_clip(path: str | Path, frames: int = 24, size: int = 256, num_threads: 
     """
     path = str(path)
     decord.logging.set_level(decord.logging.QUIET)  # ffmpeg's own messages; failures are reported by us
-    probe = open_reader(path, num_threads)
-    count = len(probe)
-    try:
-        height, width = probe.next().shape[:2]  # the upright picture's size (rotation already applied)
-    except (decord.DECORDError, StopIteration) as err:
-        raise DecodeError(f"frame 0 of {count} cannot be decoded: {describe_decord_error(err)}") from None
-    out_w, out_h = output_size(width, height, size)
-    starts = frame_starts(probe)
-    seekable = _increasing(starts)
-    fps = float(probe.get_avg_fps())
-    del probe
+    count, out_w, out_h, starts, seekable, fps = probe_video(path, num_threads, size)
 
     def open_sized() -> decord.VideoReader:
         return open_reader(path, num_threads, out_w, out_h)
@@ -346,10 +351,7 @@ def read_clip(path: str | Path, frames: int = 24, size: int = 256, num_threads: 
             raise DecodeError(f"only {span} frames of the video decode, fewer than the {frames} a row keeps")
         indices = choose_indices(span, frames, window)
         try:
-            if seekable:
-                batch = read_random_access(open_sized, indices)
-            else:
-                batch = read_sequential(open_sized(), indices)
+            batch = read_frames(open_sized, indices, seekable)
         except _FrameFailed as fail:
             if fail.index < fewest or span < count:  # not the file's tail: the file is broken inside
                 raise DecodeError(f"frame {fail.index} of {count} cannot be decoded: {fail.reason}") from None
@@ -364,7 +366,7 @@ def read_clip(path: str | Path, frames: int = 24, size: int = 256, num_threads: 
     raise DecodeError(f"frames after {span} of {count} keep failing to decode; the file looks corrupt")
 
 
-# ---- worker processes ----------------------------------------------------------------------------------
+# ---- the decode pool: a WorkerPool bound to read_clip --------------------------------------------------
 
 
 @dataclass
@@ -378,72 +380,25 @@ class DecodeResult:
     interval_s: float = float("nan")  # mean seconds between the kept frames in the video's time
 
 
-class DecodePoolError(RuntimeError):
+class DecodePoolError(WorkerPoolError):
     """The pool itself cannot run (workers do not start, or it was closed): not a problem of one video."""
 
 
 DecodeFn = Callable[..., "Clip | np.ndarray"]
 
-
-def _worker_main(conn: Connection, decode_fn: DecodeFn, frames: int, size: int, num_threads: int,
-                 window: int | None) -> None:
-    """Worker loop: receive (key, path), send ('ok', key, shape, dtype, seconds, interval) + raw bytes, or
-    ('error', ...)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then closes the pool
-    conn.send(("ready",))
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:  # the parent is gone
-            return
-        if job is None:
-            return
-        key, path = job
-        started = time.perf_counter()
-        try:
-            result = decode_fn(path, frames=frames, size=size, num_threads=num_threads, window=window)
-            interval = float("nan")
-            if isinstance(result, Clip):
-                result, interval = result.frames, float(result.interval_s)
-            if not isinstance(result, np.ndarray) or result.dtype == object:
-                raise TypeError(f"the decode function returned {type(result).__name__}, not a numeric numpy array")
-            array = np.ascontiguousarray(result)
-        except DecodeError as err:
-            conn.send(("error", key, str(err), time.perf_counter() - started))
-            continue
-        except Exception as err:  # a bad file must not kill the worker: its failure becomes that video's error
-            log.warning("unexpected error decoding %s: %r", path, err)
-            conn.send(("error", key, f"unexpected {type(err).__name__}: {err}", time.perf_counter() - started))
-            continue
-        conn.send(("ok", key, array.shape, array.dtype.str, time.perf_counter() - started, interval))
-        conn.send_bytes(memoryview(array).cast("B"))  # raw bytes: 1.7 ms per 24x256x256x3 clip, pickle 15 ms
-
-
-@dataclass
-class _Worker:
-    process: mp.process.BaseProcess
-    conn: Connection
-    ready: bool = False
-    job: tuple[str, str] | None = None  # (key, path) being decoded
-    started: float = 0.0  # time.monotonic() when the job was sent
-
-
-def _exit_reason(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            return f"signal {-exitcode}, {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"
+DECODE_MESSAGES = Messages(
+    timeout="decode timed out after {timeout_s:g} s", died="decoder process died ({reason})",
+    start=("decode workers exit while starting ({reason}): {fn} and tasks.decode must import in a fresh Python "
+           "process (workers are spawned); see the worker's stderr"))
 
 
 class DecodePool:
     """`config.workers` decode processes fed from a queue; results are collected by key.
 
-    submit() returns at once; a supervisor thread hands jobs to idle workers, enforces the per-video timeout
-    and replaces workers that are killed or die, so decoding goes on while the caller does other work
-    (encoding the previous chunk). get(key) waits for that key's result. Workers use the "spawn" start
-    method: the parent has torch and threads, which fork would copy in an undefined state.
+    A `tasks.workers.WorkerPool` running `decode_fn`: decord can hang forever in native code holding the GIL
+    (decord issue 373) or crash the process, so each video gets `config.timeout_s`, after which its worker is
+    killed and replaced and the video becomes an error result. Workers are spawned, not forked (the parent has
+    torch and threads). submit() returns at once, so decoding goes on while the caller encodes the previous chunk.
 
     decode_fn(path, frames=, size=, num_threads=, window=) -> Clip, or (T, S, S, 3) uint8 frames alone, runs in
     the workers; it must be a module-level function (it is pickled by name). Tests inject ones that hang or crash.
@@ -451,213 +406,37 @@ class DecodePool:
 
     def __init__(self, config: DecodeConfig | None = None, decode_fn: DecodeFn = read_clip):
         self.config = config or DecodeConfig()
-        self._decode_fn = decode_fn
-        self._ctx = mp.get_context("spawn")
-        self._cond = threading.Condition()
-        self._pending: deque[tuple[str, str]] = deque()
-        self._waiting: set[str] = set()  # submitted, not yet collected by get()
-        self._results: dict[str, DecodeResult] = {}
-        self._failure: str | None = None
-        self._start_failures = 0
-        self._closed = False
-        self._wake_r, self._wake_w = mp.Pipe(duplex=False)
-        self._workers = [self._spawn() for _ in range(self.config.workers)]
-        self._thread = threading.Thread(target=self._supervise, name="decode-pool", daemon=True)
-        self._thread.start()
+        c = self.config
+        self._pool = WorkerPool(
+            decode_fn, workers=c.workers, timeout_s=c.timeout_s, expected=(DecodeError,), name="decode",
+            kwargs={"frames": c.frames, "size": c.size, "num_threads": c.threads_per_worker, "window": c.window},
+            messages=DECODE_MESSAGES,
+        )
 
-    # -- public API --
-
-    def submit(self, key: str, path: str) -> None:
+    def submit(self, key: str, path: str | Path) -> None:
         """Queue one video; its result is collected later with get(key)."""
-        with self._cond:
-            if self._closed:
-                raise DecodePoolError("the decode pool is closed")
-            if key in self._waiting:
-                raise ValueError(f"key {key!r} was submitted already and its result not collected yet")
-            self._waiting.add(key)
-            self._pending.append((key, str(path)))
-        self._wake()
+        try:
+            self._pool.submit(key, str(path))
+        except WorkerPoolError as err:
+            raise DecodePoolError(str(err)) from None
 
     def get(self, key: str) -> DecodeResult:
         """Wait for the result of `key` (each video takes at most about config.timeout_s once it started)."""
-        with self._cond:
-            if key not in self._waiting:
-                raise KeyError(f"key {key!r} was not submitted, or its result was collected already")
-            while key not in self._results:
-                if self._failure is not None:
-                    raise DecodePoolError(self._failure)
-                if self._closed:
-                    raise DecodePoolError("the decode pool was closed before this video was decoded")
-                self._cond.wait(timeout=1.0)
-            self._waiting.discard(key)
-            return self._results.pop(key)
+        try:
+            result = self._pool.get(key)
+        except WorkerPoolError as err:
+            raise DecodePoolError(str(err)) from None
+        value = result.value  # a Clip, the frames alone, or None when the video failed
+        if isinstance(value, Clip):
+            return DecodeResult(key, value.frames, result.error, result.seconds, float(value.interval_s))
+        return DecodeResult(key, value, result.error, result.seconds)
 
     def close(self) -> None:
-        """Stop the workers; jobs not yet done are dropped."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
-        self._wake()
-        self._thread.join(timeout=10)
-        for worker in self._workers:
-            if worker.job is None:
-                try:
-                    worker.conn.send(None)
-                except OSError:
-                    pass
-            else:  # busy on a job nobody will collect
-                worker.process.kill()
-        for worker in self._workers:
-            worker.process.join(timeout=5)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join(timeout=5)
-            worker.conn.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        """Stop the workers; videos not yet decoded are dropped."""
+        self._pool.close()
 
     def __enter__(self) -> DecodePool:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # -- supervisor (its own thread; every state change under self._cond) --
-
-    def _spawn(self) -> _Worker:
-        parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(
-            target=_worker_main, name="decode-worker", daemon=True,
-            args=(child, self._decode_fn, self.config.frames, self.config.size, self.config.threads_per_worker,
-                  self.config.window),
-        )
-        process.start()
-        child.close()
-        return _Worker(process, parent)
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send_bytes(b"!")
-        except OSError:  # closed already
-            pass
-
-    def _supervise(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    if self._closed:
-                        return
-                    self._dispatch()
-                    watched = [self._wake_r] + [w.conn for w in self._workers]
-                    watched += [w.process.sentinel for w in self._workers]
-                    timeout = self._seconds_to_next_deadline()
-                ready = wait(watched, timeout)
-                with self._cond:
-                    if self._closed:
-                        return
-                    while self._wake_r.poll():
-                        self._wake_r.recv_bytes()
-                    for worker in list(self._workers):
-                        pipe_open = self._receive(worker) if worker.conn in ready else True
-                        if not pipe_open or worker.process.sentinel in ready:
-                            self._on_exit(worker)
-                    self._enforce_timeouts()
-        except Exception as err:  # without the supervisor get() would wait forever: record why and wake it
-            log.exception("decode pool supervisor failed")
-            with self._cond:
-                self._failure = f"decode pool supervisor failed: {err!r}"
-                self._cond.notify_all()
-
-    def _dispatch(self) -> None:
-        for worker in self._workers:
-            if not self._pending:
-                return
-            if worker.ready and worker.job is None and worker.process.is_alive():
-                job = self._pending.popleft()
-                try:
-                    worker.conn.send(job)
-                except OSError:  # died just now; its sentinel will report it
-                    self._pending.appendleft(job)
-                    continue
-                worker.job, worker.started = job, time.monotonic()
-
-    def _seconds_to_next_deadline(self) -> float | None:
-        deadlines = [w.started + self.config.timeout_s for w in self._workers if w.job is not None]
-        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-
-    def _receive(self, worker: _Worker) -> bool:
-        """Handle one message of a worker; False when its pipe is closed (it died, maybe mid-message)."""
-        try:
-            message = worker.conn.recv()
-            if message[0] == "ready":
-                worker.ready = True
-                self._start_failures = 0
-            elif message[0] == "ok":
-                _, key, shape, dtype, seconds, interval = message
-                frames = np.empty(shape, np.dtype(dtype))
-                worker.conn.recv_bytes_into(memoryview(frames).cast("B"))
-                self._finish(worker, DecodeResult(key, frames, None, seconds, interval))
-            else:
-                _, key, error, seconds = message
-                self._finish(worker, DecodeResult(key, None, error, seconds))
-        except (EOFError, OSError):
-            return False
-        return True
-
-    def _finish(self, worker: _Worker, result: DecodeResult) -> None:
-        worker.job = None
-        self._results[result.key] = result
-        self._cond.notify_all()
-
-    def _on_exit(self, worker: _Worker) -> None:
-        """A worker exited (or closed its pipe): report its job as failed and start another."""
-        while worker.job is not None and self._poll(worker) and self._receive(worker):
-            pass  # a result sent just before it exited still counts
-        worker.process.join(timeout=5)
-        if worker.process.is_alive():  # closed its pipe but lingers: it is of no use any more
-            worker.process.kill()
-            worker.process.join(timeout=5)
-        reason = _exit_reason(worker.process.exitcode)
-        if worker.job is not None:
-            key, path = worker.job
-            log.warning("decode worker died on %s (%s); starting another", path, reason)
-            self._finish(worker, DecodeResult(key, None, f"decoder process died ({reason})",
-                                              time.monotonic() - worker.started))
-        elif not worker.ready:
-            self._start_failures += 1
-            if self._start_failures >= 3:
-                fn = f"{getattr(self._decode_fn, '__module__', '?')}.{getattr(self._decode_fn, '__name__', '?')}"
-                self._failure = (f"decode workers exit while starting ({reason}): {fn} and tasks.decode must "
-                                 f"import in a fresh Python process (workers are spawned); see the worker's stderr")
-                self._cond.notify_all()
-        self._replace(worker)
-
-    @staticmethod
-    def _poll(worker: _Worker) -> bool:
-        try:
-            return worker.conn.poll()
-        except (EOFError, OSError):
-            return False
-
-    def _enforce_timeouts(self) -> None:
-        now = time.monotonic()
-        for worker in list(self._workers):
-            if worker.job is not None and now - worker.started > self.config.timeout_s:
-                key, path = worker.job
-                log.warning("decoding %s took over %g s; killing its worker (pid %s)",
-                            path, self.config.timeout_s, worker.process.pid)
-                worker.process.kill()  # SIGKILL: a decoder stuck in native code ignores anything gentler
-                worker.process.join(timeout=5)
-                self._finish(worker, DecodeResult(key, None, f"decode timed out after {self.config.timeout_s:g} s",
-                                                  now - worker.started))
-                self._replace(worker)
-
-    def _replace(self, worker: _Worker) -> None:
-        worker.conn.close()
-        index = self._workers.index(worker)
-        if self._failure is None and not self._closed:
-            self._workers[index] = self._spawn()
-        else:
-            del self._workers[index]

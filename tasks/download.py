@@ -27,6 +27,14 @@ CHUNK_BYTES = 1 << 20  # write in 1 MiB pieces: few syscalls, bounded memory
 TRANSIENT_STATUS = frozenset({408, 429})  # plus every 5xx
 
 
+DOWNLOAD_FOLDER = "fvlm-downloads"  # under the system temp dir, unless a config names a folder
+
+
+def download_folder(configured: str | os.PathLike | None) -> Path:
+    """Where remote sources are fetched: the configured folder, or `fvlm-downloads` in the system temp dir."""
+    return Path(configured) if configured else Path(tempfile.gettempdir()) / DOWNLOAD_FOLDER
+
+
 class DownloadError(Exception):
     """A remote source could not be downloaded."""
 

@@ -1,17 +1,14 @@
 """Precompute: listing -> store -> (fetch, decode, encode, write, commit) for each chunk of rows.
 
-Plain functions first (tests call them directly), Prefect tasks after. Tasks carry paths and row ranges,
-never tensors: frames travel from the decode workers to the encoder inside one task.
+Plain functions (tests call them directly); the Prefect tasks around them are in tasks/precompute_tasks.py.
+Tasks carry paths and row ranges, never tensors: frames travel from the decode workers to the encoder inside one
+task.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import shutil
-import socket
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,32 +17,24 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.cache_policies import NONE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from model.encoders import EncoderConfig, FrameEncoder, describe_encoders
-from storage.store import (
-    FAILED,
-    OK,
-    PENDING,
-    ChunkRows,
-    FeatureShapes,
-    FeatureStore,
-    StoreConfig,
-    StoreError,
-    StoreWriteError,
-    describe_write_error,
+from storage.attrs import SamplingRecord, StoreAttrs, StoreExpectation
+from storage.store import FAILED, OK, PENDING, ChunkRows, FeatureShapes, FeatureStore, StoreConfig, StoreError
+from tasks.decode import DecodeConfig, DecodePool
+from tasks.download import (
+    DownloadError,
+    PermanentDownloadError,
+    download_folder,
+    fetch,
+    is_remote,
+    redact_url,
 )
-from tasks.decode import DecodeConfig, DecodePool, describe_window
-from tasks.download import DownloadError, PermanentDownloadError, fetch, is_remote, redact_url
 from tasks.listing import Listing
 from tasks.runtime import progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
-
-RESIZE_RULE = "short side resized to frame_size, centre crop frame_size x frame_size"
 
 
 class PrecomputeConfig(BaseModel):
@@ -60,19 +49,25 @@ class PrecomputeConfig(BaseModel):
     download_dir: str | None = Field(None, description="where remote sources are fetched (default: temp dir)")
     keep_downloads: bool = Field(False, description="keep fetched files after their chunk is committed")
 
+    @model_validator(mode="after")
+    def _one_frame_size(self) -> "PrecomputeConfig":
+        """The decoder crops frames to the size the encoders take: one size, the encoder's (its shapes follow)."""
+        if self.decode.size != self.encoder.frame_size:
+            raise ValueError(
+                f"decode.size ({self.decode.size}) differs from encoder.frame_size ({self.encoder.frame_size}): "
+                f"frames are decoded at the size the encoders take; set both to the same value "
+                f"(--decode.size and --encoder.frame-size)")
+        return self
+
 
 # ---- store preparation ---------------------------------------------------------------------------------
 
 
-def store_attributes(encoder: dict[str, Any], config: PrecomputeConfig, listing_summary: dict) -> dict[str, Any]:
-    """Group attributes of a new store: what training needs to check that it reads what it expects."""
-    return {
-        "frame_size": config.encoder.frame_size,
-        "resize": RESIZE_RULE,
-        "sampling": config.decode.describe_sampling(),
-        **encoder,
-        "listing": listing_summary,
-    }
+def new_store_attrs(listing: Listing, config: PrecomputeConfig) -> StoreAttrs:
+    """What a new store records of this run: encoders, frame choice and size, the listing it was made from."""
+    return StoreAttrs(frame_size=config.encoder.frame_size, resize=config.decode.resize_rule,
+                      sampling=config.decode.sampling_record(), listing=listing.summary,
+                      **describe_encoders(config.encoder))
 
 
 def prepare_store(path: str, listing: Listing, config: PrecomputeConfig) -> FeatureStore:
@@ -81,111 +76,60 @@ def prepare_store(path: str, listing: Listing, config: PrecomputeConfig) -> Feat
     A local store is built under a temporary name and renamed into place, so a run killed while creating
     it leaves nothing half made behind.
     """
-    encoder = describe_encoders(config.encoder)
-    videos = listing.videos
     if FeatureStore.exists(path):
         store = FeatureStore.open(path, mode="r+")
-        check_store_matches(store, videos["video_id"].tolist(), encoder, listing.summary,
-                            config.decode.describe_sampling())
+        check_can_continue(store, listing, config)
         return store
-    if listing.videos.empty:
+    videos = listing.videos
+    if videos.empty:
         raise StoreError(f"the listing of {listing.summary.get('manifest')} kept no videos: nothing to store")
-    shapes = FeatureShapes(
-        frames=config.decode.frames, tokens=encoder["dino"]["tokens"], feature_dim=encoder["dino"]["dim"],
-        latent_shape=tuple(encoder["vae"]["latent_shape"]),
+    attrs = new_store_attrs(listing, config)
+    shapes = FeatureShapes(frames=config.decode.frames, tokens=attrs.dino.tokens, feature_dim=attrs.dino.dim,
+                           latent_shape=tuple(attrs.vae.latent_shape))
+    store = FeatureStore.create(
+        path, videos["video_id"].tolist(), videos["caption"].tolist(), videos["source"].tolist(),
+        videos["duration_s"].astype(float).tolist(), attrs, config.layout, shapes, atomic=True,
     )
-    attrs = store_attributes(encoder, config, listing.summary)
-    columns = dict(
-        video_ids=videos["video_id"].tolist(), captions=videos["caption"].tolist(),
-        sources=videos["source"].tolist(), durations=videos["duration_s"].astype(float).tolist(),
-        attrs=attrs, config=config.layout, shapes=shapes,
-    )
-    if "://" in path:
-        return FeatureStore.create(path, **columns)
-    final = Path(path)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())):
-        raise StoreError(f"{final} exists and is not a feature store; choose another --store or remove it")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(final)
-        staging = Path(tempfile.mkdtemp(prefix=f"{staging_prefix(final)}{os.getpid()}-", dir=final.parent))
-    except OSError as err:
-        raise StoreWriteError(describe_write_error(str(final), "the new store", err)) from err
-    try:
-        shutil.rmtree(staging)
-        FeatureStore.create(staging, **columns)
-        os.replace(staging, final)
-    except BaseException as err:
-        remove_tree(staging)
-        if isinstance(err, OSError):
-            raise StoreWriteError(describe_write_error(str(final), "the new store", err)) from err
-        raise
-    log.info("created store %s (%d videos)", final, len(videos))
-    return FeatureStore.open(final, mode="r+")
+    log.info("created store %s (%d videos)", path, len(videos))
+    return store
 
 
-def remove_tree(folder: Path, attempts: int = 20) -> None:
-    """Remove a half-built store. zarr writes a group's files concurrently and does not cancel the other writes
-    when one fails, so a file can appear while the folder is being removed: try again until it is gone."""
-    for _ in range(attempts):
-        shutil.rmtree(folder, ignore_errors=True)
-        if not folder.exists():
-            return
-        time.sleep(0.05)
-    log.warning("could not remove %s; the next run creating this store removes it", folder)
+def check_can_continue(store: FeatureStore, listing: Listing, config: PrecomputeConfig) -> None:
+    """Refuse to continue a store that was made with other encoders, other frames or from another listing."""
+    expected = StoreExpectation(dino_id=config.encoder.dino_id, vae_id=config.encoder.vae_id,
+                                sampling=config.decode.sampling_record(), frame_size=config.encoder.frame_size)
+    mismatches = {m.field: m for m in store.check_compatible(expected)}
+    for key in ("dino", "vae"):
+        if key in mismatches:
+            have, want = mismatches[key].have, mismatches[key].want
+            raise StoreError(f"store {store.path} was encoded with {key} {have!r}, this run uses {want!r}")
+    if "frame_size" in mismatches:
+        have, want = mismatches["frame_size"].have, mismatches["frame_size"].want
+        raise StoreError(f"store {store.path} holds frames of {have} px, this run encodes {want} px: use a new "
+                         f"--store, or the store's frame size")
+    if "sampling" in mismatches:
+        have, want = mismatches["sampling"].have, mismatches["sampling"].want
+        flags = f"--sampling {have.mode}" + (f" --window-frames {have.window_frames}" if have.mode == "window" else "")
+        raise StoreError(f"store {store.path} keeps {have.describe()} of each video, this run asks for "
+                         f"{want.describe()}; rows chosen two ways would mix two experiments: use a new --store, "
+                         f"or {flags}")
+    check_same_listing(store, listing.videos["video_id"].tolist(), listing.summary)
 
 
-def staging_prefix(final: Path) -> str:
-    """Name prefix of the folders a new store is built in before it is renamed into place."""
-    return f".{final.name}.creating-{socket.gethostname()}-"
-
-
-def remove_stale_staging(final: Path) -> None:
-    """Remove the half-built stores of creators that were killed (their process on this host is gone).
-
-    A killed creator leaves its `.NAME.creating-HOST-PID-*` folder behind; one whose process still runs is
-    left alone (two runs creating one store at once: the second to finish reports that the store exists).
-    """
-    prefix = staging_prefix(final)
-    for folder in final.parent.glob(f"{glob.escape(prefix)}*"):
-        pid_text = folder.name[len(prefix):].split("-", 1)[0]
-        if not pid_text.isdigit() or _process_alive(int(pid_text)):
-            continue
-        log.warning("removing %s: a run creating %s was stopped before it finished", folder, final)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-def check_store_matches(store: FeatureStore, video_ids: list[str], encoder: dict[str, Any],
-                        summary: dict[str, Any] | None = None, sampling: dict[str, Any] | None = None) -> None:
-    """Refuse to continue a store that was made from another listing, with other encoders or other frames.
+def check_same_listing(store: FeatureStore, video_ids: list[str], summary: dict[str, Any]) -> None:
+    """Refuse to continue a store made from another listing.
 
     The same manifest with the same bounds may keep a few other rows today than when the store was made (a
     remote file that could not be probed then, or now): the store's rows stay what they are, with a warning that
     says how many differ, since refusing would stop an unattended rerun for a transient network error.
     """
-    for key in ("dino", "vae"):
-        want, have = encoder[key]["id"], store.attrs.get(key, {}).get("id")
-        if want != have:
-            raise StoreError(f"store {store.path} was encoded with {key} {have!r}, this run uses {want!r}")
-    if sampling is not None:
-        check_sampling_matches(store, sampling)
     stored = [str(v) for v in store.read_column("video_id")]
     listed = [str(v) for v in video_ids]
     if stored == listed:
         return
-    made_from = store.attrs.get("listing", {})
-    same_listing = summary is not None and all(
-        made_from.get(key) == summary.get(key) for key in ("manifest", "min_duration_s", "max_duration_s"))
+    made_from = store.attributes.listing
+    same_listing = all(made_from.get(key) == summary.get(key)
+                       for key in ("manifest", "min_duration_s", "max_duration_s"))
     new, gone = sorted(set(listed) - set(stored)), sorted(set(stored) - set(listed))
     if same_listing:
         log.warning("store %s keeps its %d rows: this listing of the same manifest keeps %d the store does not "
@@ -195,20 +139,6 @@ def check_store_matches(store: FeatureStore, video_ids: list[str], encoder: dict
     raise StoreError(
         f"store {store.path} holds {len(stored)} videos of another listing (this listing keeps "
         f"{len(listed)}; e.g. not in the store: {new[:3]}); use a new --store or the same manifest and filters"
-    )
-
-
-def check_sampling_matches(store: FeatureStore, sampling: dict[str, Any]) -> None:
-    """Refuse to add rows whose frames are chosen otherwise than the store's (a rerun with another window)."""
-    have = store.attrs.get("sampling") or {}
-    keys = ("mode", "window_frames", "frames")
-    if all(have.get(k) == sampling.get(k) for k in keys):
-        return
-    raise StoreError(
-        f"store {store.path} keeps {describe_window(have)} of each video, this run asks for "
-        f"{describe_window(sampling)}; rows chosen two ways would mix two experiments: use a new --store, or "
-        f"--sampling {have.get('mode')}" + (f" --window-frames {have.get('window_frames')}"
-                                            if have.get("mode") == "window" else "")
     )
 
 
@@ -268,7 +198,7 @@ class ChunkPipeline:
     def __init__(self, store: FeatureStore, config: PrecomputeConfig, fetch_fn: FetchFn | None = None):
         self.store = store
         self.config = config
-        self.download_dir = config.download_dir or os.path.join(tempfile.gettempdir(), "fvlm-downloads")
+        self.download_dir = str(download_folder(config.download_dir))
         self.fetch_fn = fetch_fn or (lambda urls: fetch_sources(urls, self.download_dir))
         self.status = store.read_status()
         self.sources = store.read_column("source")
@@ -306,7 +236,7 @@ class ChunkPipeline:
             next_chunk = next(upcoming, None)
             if next_chunk is not None:  # keep the decoders busy while this chunk is encoded
                 ahead.append(self._schedule(pool, next_chunk))
-            self._finish(pool, encoder, current, report)
+            self._commit(pool, encoder, current, report)
             report.seconds = time.perf_counter() - started
             if on_chunk is not None:
                 on_chunk(current.chunk, report)
@@ -343,7 +273,8 @@ class ChunkPipeline:
                 pool.submit(str(r), local[r])
         return _ScheduledChunk(chunk, rows, errors, downloads, deferred)
 
-    def _finish(self, pool: DecodePool, encoder: FrameEncoder, item: _ScheduledChunk, report: EncodeReport) -> None:
+    def _commit(self, pool: DecodePool, encoder: FrameEncoder, item: _ScheduledChunk, report: EncodeReport) -> None:
+        """Collect a chunk's decoded videos, encode them, write and commit the chunk, count what happened."""
         errors = dict(item.errors)
         decoded: dict[int, np.ndarray] = {}
         intervals: dict[int, float] = {}
@@ -355,7 +286,7 @@ class ChunkPipeline:
                 errors[r] = result.error
             else:
                 decoded[r], intervals[r] = result.frames, result.interval_s
-        rows = self._chunk_rows(item, decoded, intervals, errors, encoder)
+        rows = self._encode_rows(item, decoded, intervals, errors, encoder)
         self.store.write_chunk(item.chunk, rows)
         span = self.store.chunk_rows(item.chunk)
         self.status[span.start:span.stop] = rows.status
@@ -374,7 +305,7 @@ class ChunkPipeline:
         for r, reason in sorted(errors.items()):
             log.warning("row %d (%s) failed: %s", r, redact_url(str(self.sources[r])), reason)
 
-    def _chunk_rows(self, item: _ScheduledChunk, decoded: dict[int, np.ndarray], intervals: dict[int, float],
+    def _encode_rows(self, item: _ScheduledChunk, decoded: dict[int, np.ndarray], intervals: dict[int, float],
                     errors: dict[int, str], encoder: FrameEncoder) -> ChunkRows:
         """Assemble the whole chunk: rows done now, plus rows committed by an earlier run.
 
@@ -448,54 +379,6 @@ def split_chunks(chunks: list[int], parts: int) -> list[list[int]]:
     return [chunks[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-# ---- Prefect tasks -------------------------------------------------------------------------------------
-
-
-def retry_unless_store_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures, not StoreErrors: a full disk or a read-only store needs a person first."""
-    try:
-        error = state.result(raise_on_failure=False)
-    except Exception:  # noqa: BLE001 - no exception to look at: keep the retry policy
-        return True
-    return not isinstance(error, StoreError)
-
-
-@task(name="fetch-sources", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NONE)
-def fetch_sources_task(urls: list[str], dest_dir: str) -> dict[str, dict[str, str | None]]:
-    """Download one chunk's remote sources; a transient error fails the try so that Prefect retries it."""
-    return fetch_sources(urls, dest_dir)
-
-
-@task(name="prepare-store", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_store_error,
-      cache_policy=NONE)
-def prepare_store_task(path: str, listing: Listing, config: PrecomputeConfig) -> list[int]:
-    """Create the store at full size (or open it) and return the chunks that still have rows to do."""
-    store = prepare_store(path, listing, config)
-    pending = store.pending_chunks(config.retry_failed)
-    get_run_logger().info("store %s: %d of %d chunks to do (%s)", path, len(pending), store.num_chunks,
-                          store.counts())
-    return pending
-
-
-@task(name="encode-chunks", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_store_error,
-      cache_policy=NONE)
-def encode_chunks_task(store_path: str, chunks: list[int], config: PrecomputeConfig) -> dict[str, Any]:
-    """Decode, encode, write and commit chunks of rows, with a progress artifact while it runs."""
-    logger = get_run_logger()
-    progress = create_progress_artifact(progress=0.0, description=f"precompute of {len(chunks)} chunks of {store_path}")
-    dest = config.download_dir or os.path.join(tempfile.gettempdir(), "fvlm-downloads")
-
-    def on_chunk(chunk: int, report: EncodeReport) -> None:
-        update_progress_artifact(progress, progress=100.0 * report.chunks / max(1, len(chunks)))
-        logger.info("chunk %d committed | %d ok | %d failed | %.2f videos/s",
-                    chunk, report.videos_ok, report.videos_failed, report.videos_per_s)
-
-    report = encode_chunks(store_path, chunks, config,
-                           fetch_fn=lambda urls: fetch_sources_task(urls, dest), on_chunk=on_chunk)
-    update_progress_artifact(progress, progress=100.0)
-    return report.as_dict()
-
-
 def precompute_table(info: dict[str, Any], reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of the final table: kept, dropped by reason, ok, failed by reason, bytes per video, videos/s."""
     listing = info.get("listing", {})
@@ -509,20 +392,9 @@ def precompute_table(info: dict[str, Any], reports: list[dict[str, Any]]) -> lis
     rows += [{"metric": f"failed: {reason}", "value": n} for reason, n in info["failed_by_reason"].items()]
     per_video = info["sizes"]["disk_bytes_per_ok_video"]
     rows.append({"metric": "bytes per ok video", "value": round(per_video) if per_video else None})
-    rows.append({"metric": "frames kept", "value": describe_window(info.get("sampling") or {})})
+    rows.append({"metric": "frames kept", "value": SamplingRecord.model_validate(info["sampling"]).describe()})
     rows.append({"metric": "median seconds between stored frames", "value": info["frame_interval"]["median_s"]})
     seconds = sum(r["seconds"] for r in reports)
     done = sum(r["videos_ok"] + r["videos_failed"] for r in reports)
     rows.append({"metric": "videos/s (this run)", "value": round(done / seconds, 3) if seconds else None})
     return rows
-
-
-@task(name="report-store", cache_policy=NONE)
-def report_store_task(store_path: str, reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """Summarise the store in a table artifact; returns the store's info."""
-    info = FeatureStore.open(store_path).info()
-    create_table_artifact(
-        key="precompute-report", table=precompute_table(info, reports),
-        description=f"Precompute of {store_path}: {info['ok']} ok, {info['failed']} failed, {info['pending']} pending",
-    )
-    return info

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -66,3 +66,18 @@ def send_logs_to_prefect(level: int = logging.INFO) -> None:
         logger.addHandler(handler)
         if logger.level == logging.NOTSET:  # a worker's root logger is at WARNING: let INFO through to the API
             logger.setLevel(level)
+
+
+def retry_unless(*permanent: type[BaseException]) -> Callable[[Any, Any, Any], bool]:
+    """A Prefect retry condition: retry transient failures, not the `permanent` errors (a manifest that cannot be
+    used, a full disk, a read-only store need a person first, and a retry only makes them wait)."""
+
+    def should_retry(task: Any, task_run: Any, state: Any) -> bool:
+        try:
+            error = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001 - no exception to look at: keep the retry policy
+            return True
+        return not isinstance(error, permanent)
+
+    should_retry.__name__ = f"retry_unless_{'_or_'.join(e.__name__ for e in permanent)}"
+    return should_retry

@@ -85,3 +85,22 @@ def test_chunk_keys_name_the_folder_and_the_chunk(tmp_path):
     a, b = chunk_key(str(tmp_path / "run"), 3), chunk_key(str(tmp_path / "other" / "run"), 3)
     assert a.startswith("run-") and a.endswith("-chunk-3") and a != b
     assert chunk_key(str(tmp_path / "run"), 3) == a and chunk_key(str(tmp_path / "run"), 4) != a
+
+
+def test_pictures_that_cannot_be_drawn_fail_their_own_task_and_the_chain_goes_on(store, tmp_path, prefect_harness):
+    """The pictures are the chain's own task: a file where the attention folder should be makes it fail (a real
+    OSError), the flow logs a warning and trains its next chunk. The control: the task itself did fail."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    (tmp_path / "attention").write_text("not a folder")
+    rule = ConvergenceConfig(min_steps=0, window=4, tolerance_pct=0.01, max_chunks=2)
+    state = train_flow(store=store, run_dir=str(tmp_path), preset="demo", train=tiny_config(max_steps_per_chunk=2),
+                       convergence=rule, return_state=True)
+    assert state.is_completed() and state.result()["reason"] == "budget: 2 chunks"
+    assert [h["chunk"] for h in read_history(tmp_path)] == [1, 2]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    pictures = [r for r in runs if r.name.startswith("attention-pictures")]
+    assert len(pictures) == 2 and all(r.state.is_failed() for r in pictures)
+    assert all(r.state.is_completed() for r in runs if r.name.startswith("train-chunk"))

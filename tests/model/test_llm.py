@@ -92,11 +92,11 @@ def test_unknown_hub_id_offline_names_the_setting():
 
 
 def test_presets():
-    full = ModelConfig.preset("full")
+    full = ModelConfig.for_preset("full")
     assert full.llm == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (full.feature_dim, full.num_tokens, full.query_dim, full.fine_iterations) == (384, 325, 384, 2)
     assert (full.head_hidden, full.head_channels) == (512, (64, 128, 256))
-    demo = ModelConfig.preset("demo")
+    demo = ModelConfig.for_preset("demo")
     assert demo.llm is None and demo.llm_shape == LLMShape.tiny()
     assert (demo.feature_dim, demo.num_tokens, demo.latent_size) == (384, 325, 32)
     with pytest.raises(ValueError):

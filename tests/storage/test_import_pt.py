@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from model.encoders import EncoderConfig
 from storage.import_pt import import_pt_folder
 from storage.store import FAILED, OK, FeatureStore, StoreConfig, StoreError
+
+SEED_ENCODERS = dict(dino_id=EncoderConfig().dino, vae_id=EncoderConfig().vae)
 
 
 def write_seed_folder(folder, n=5, frames=6, tokens=5, dim=8):
@@ -28,7 +31,7 @@ def write_seed_folder(folder, n=5, frames=6, tokens=5, dim=8):
 
 def test_import_converts_every_file(tmp_path):
     expected = write_seed_folder(tmp_path / "pt")
-    counts = import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", StoreConfig(chunk_videos=2))
+    counts = import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", StoreConfig(chunk_videos=2), **SEED_ENCODERS)
     assert counts == {"videos": 5, "ok": 5, "failed": 0, "pending": 0}
     store = FeatureStore.open(tmp_path / "s.zarr")
     assert store.shapes.frames == 6 and store.shapes.tokens == 5 and store.shapes.feature_dim == 8
@@ -51,7 +54,7 @@ def test_bad_files_become_failed_rows_and_the_rest_is_kept(tmp_path):
     torch.save({"dino_features": torch.zeros(6, 5, 8)}, tmp_path / "pt" / "vid002.pt")
     torch.save({"dino_features": torch.zeros(3, 5, 8), "latents": torch.zeros(3, 4, 2, 2)},
                tmp_path / "pt" / "vid003.pt")
-    import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", StoreConfig(chunk_videos=2))
+    import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", StoreConfig(chunk_videos=2), **SEED_ENCODERS)
     store = FeatureStore.open(tmp_path / "s.zarr")
     assert list(store.read_status()) == [OK, FAILED, FAILED, FAILED]
     errors = store.read_column("error")
@@ -67,7 +70,7 @@ def test_files_with_nan_inf_or_values_beyond_float16_become_failed_rows(tmp_path
         sample[key] = sample[key].float().clone()
         sample[key][0, 0, 0] = value  # 1e6 is finite in float32 but inf once stored as float16
         torch.save(sample, tmp_path / "pt" / f"{name}.pt")
-    import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", StoreConfig(chunk_videos=2))
+    import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", StoreConfig(chunk_videos=2), **SEED_ENCODERS)
     store = FeatureStore.open(tmp_path / "s.zarr")
     failures = {f["video_id"]: f["error"] for f in store.failures()}
     assert failures == {"vid001": "vid001.pt: latents has NaN or inf values (in float16)",
@@ -77,13 +80,13 @@ def test_files_with_nan_inf_or_values_beyond_float16_become_failed_rows(tmp_path
 
 def test_rerun_only_does_what_is_missing_and_refuses_another_folder(tmp_path):
     write_seed_folder(tmp_path / "pt", n=4)
-    import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", StoreConfig(chunk_videos=2))
+    import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", StoreConfig(chunk_videos=2), **SEED_ENCODERS)
     before = (tmp_path / "s.zarr" / "dino_features" / "c" / "0").stat().st_mtime_ns
-    import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr")
+    import_pt_folder(tmp_path / "pt", tmp_path / "s.zarr", **SEED_ENCODERS)
     assert (tmp_path / "s.zarr" / "dino_features" / "c" / "0").stat().st_mtime_ns == before
     write_seed_folder(tmp_path / "other", n=2)
     with pytest.raises(StoreError, match="other videos"):
-        import_pt_folder(tmp_path / "other", tmp_path / "s.zarr")
+        import_pt_folder(tmp_path / "other", tmp_path / "s.zarr", **SEED_ENCODERS)
 
 
 def test_command_line_import_and_info_json(tmp_path):

@@ -32,7 +32,7 @@ def cue_store(path, control: str) -> str:
     encoder = FrameEncoder(EncoderConfig(preset="demo"))
     scenes = [CueScene.draw(i, 16, control) for i in range(VIDEOS)]
     attrs = {**describe_encoders(EncoderConfig(preset="demo")), "frame_size": 256, "listing": {},
-             "sampling": DecodeConfig().describe_sampling()}
+             "sampling": DecodeConfig().sampling_record()}
     store = FeatureStore.create(path, [f"v{i:04d}" for i in range(VIDEOS)], [s.caption() for s in scenes],
                                 [""] * VIDEOS, [30.0] * VIDEOS, attrs, StoreConfig(chunk_videos=8))
     states = stored_states()
@@ -51,8 +51,8 @@ def cue_store(path, control: str) -> str:
 
 def held_out_ratio(tmp_path, control: str) -> dict:
     store = cue_store(tmp_path / f"{control}.zarr", control)
-    config = TrainConfig.preset_config("demo", device="cpu", max_steps_per_chunk=STEPS, max_minutes=10,
-                                       attention_videos=0, wandb=WandbConfig(mode="disabled"))
+    config = TrainConfig.for_preset("demo", device="cpu", max_steps_per_chunk=STEPS, max_minutes=10,
+                                    attention_videos=0, wandb=WandbConfig(mode="disabled"))
     return train_chunk(store, tmp_path / f"run-{control}", config).eval
 
 

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -354,3 +355,37 @@ def test_prefect_task_lists_and_returns_the_listing(tmp_path, prefect_harness):
     listing = listing_flow(str(manifest))
     assert listing.videos["video_id"].tolist() == ["stock-footage-clip"]
     assert listing.summary["kept"] == 1 and listing.summary["max_duration_s"] == 40.0
+
+
+@pytest.mark.slow
+def test_prefect_task_fails_an_unusable_manifest_at_once_without_retrying(tmp_path, prefect_harness):
+    """A ManifestError is permanent: the task fails on its first try instead of waiting out its retries."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks.listing import list_videos_task
+
+    manifest = _csv(tmp_path / "m.csv", [{"video_id": "a", "caption": "no source column", "duration": 30}])
+
+    @flow
+    def listing_flow(path: str):
+        return list_videos_task(path)
+
+    started = time.monotonic()
+    state = listing_flow(str(manifest), return_state=True)
+    seconds = time.monotonic() - started
+    assert state.is_failed()
+    with pytest.raises(ManifestError, match="has no source column"):
+        state.result()
+    assert seconds < list_videos_task.retry_delay_seconds  # no retry was waited for
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 30  # the server records task run states from events, a moment later
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            if (runs and runs[0].state and runs[0].state.is_final()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert len(runs) == 1 and runs[0].state.is_failed(), runs
+    assert runs[0].run_count == 1

@@ -51,6 +51,17 @@ def test_other_encoders_are_refused_even_with_the_same_rows(tmp_path):
         prepare_store(path, listing(["a", "b"]), CONFIG)
 
 
+def test_frames_of_another_size_are_refused_and_the_same_size_continues(tmp_path):
+    """A rerun at another frame size would mix rows of two resolutions (and token counts) in one store."""
+    path = str(tmp_path / "s.zarr")
+    prepare_store(path, listing(["a", "b"]), CONFIG)
+    bigger = PrecomputeConfig(encoder=EncoderConfig(preset="demo", frame_size=224), device="cpu",
+                              decode=CONFIG.decode.model_copy(update={"size": 224}))
+    with pytest.raises(StoreError, match="holds frames of 256 px, this run encodes 224 px"):
+        prepare_store(path, listing(["a", "b"]), bigger)
+    assert prepare_store(path, listing(["a", "b"]), CONFIG).num_videos == 2  # the control: same size goes on
+
+
 def test_a_download_that_keeps_failing_leaves_its_row_pending_for_the_next_run(tmp_path, caplog):
     """A 503 after the retries is not the video's fault: its row stays pending (not failed), the rest of its
     chunk is committed, and the next run, once the server is back, fills it."""

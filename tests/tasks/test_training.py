@@ -22,6 +22,7 @@ from tasks.training import (
     WandbConfig,
     lr_factor,
     read_history,
+    draw_chunk_pictures,
     train_chunk,
 )
 
@@ -34,7 +35,7 @@ def make_tiny_store(path, videos=40, k=4, dino=DEMO_DINO_ID, seed=0):
     store = FeatureStore.create(
         path, ids, [f"caption {i}" for i in ids], [f"missing/{i}.mp4" for i in ids], [30.0] * videos,
         {"dino": {"id": dino}, "vae": {"id": DEMO_VAE_ID}, "frame_size": 256, "listing": {},
-         "sampling": DecodeConfig().describe_sampling()},
+         "sampling": DecodeConfig().sampling_record()},
         StoreConfig(chunk_videos=k), SHAPES,
     )
     rng = np.random.default_rng(seed)
@@ -105,7 +106,8 @@ def test_history_records_each_chunk_with_the_users_metrics(store, tmp_path):
     sampling = history[-1]["sampling"]  # which experiment the ratio measures: the store's frame window
     assert (sampling["mode"], sampling["window_frames"], sampling["median_interval_s"]) == ("window", 72, 0.125)
     assert sampling["described"] == "24 of the first 72 frames, 0.125 s apart (median)"
-    assert second.pictures and all(os.path.exists(p) for p in second.pictures)
+    pictures = draw_chunk_pictures(store, tmp_path, tiny_config())  # the chain's next task, from the checkpoint
+    assert pictures and all(os.path.exists(p) and p.name.startswith("chunk-002-") for p in pictures)
 
 
 def test_checkpoint_holds_everything_a_resume_needs(store, tmp_path):
@@ -143,7 +145,7 @@ def test_the_schedule_continues_across_chunks():
 def test_a_store_for_other_encoders_or_shapes_is_refused(tmp_path):
     other = make_tiny_store(tmp_path / "other.zarr", videos=8, dino="facebook/dinov2-small")
     with pytest.raises(StoreMismatchError) as err:
-        train_chunk(other, tmp_path / "run", tiny_config(model=ModelConfig.preset("demo")))
+        train_chunk(other, tmp_path / "run", tiny_config(model=ModelConfig.for_preset("demo")))
     message = str(err.value)
     assert "dino: store has 'facebook/dinov2-small', config wants 'demo:sincos-dinov2'" in message
     assert "tokens: store has 5, config wants 325" in message and "feature_dim" in message
