@@ -116,7 +116,18 @@ def run_workers(store: str, pending: list[int], config: PrecomputeConfig, scale_
     run_coro_as_sync(wait_for_workers(runs, started + scale_out.timeout_hours * 3600, scale_out.timeout_hours))
     after = store_counts(store)
     return [{"videos_ok": after["ok"] - before["ok"], "videos_failed": after["failed"] - before["failed"],
-             "seconds": time.monotonic() - started, "workers": len(runs)}]
+             "seconds": time.monotonic() - started, "workers": len(runs),
+             "fetch_retries": fetch_retries([run.id for run in runs])}]
+
+
+def fetch_retries(flow_run_ids: list[Any]) -> int:
+    """Retries of the worker runs' fetch-sources task runs, as the server recorded them."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        fetches = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)),
+                                        task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="fetch-sources")))
+    return sum(max(0, run.run_count - 1) for run in fetches)
 
 
 async def wait_for_workers(runs: list[FlowRun], deadline: float, timeout_hours: float) -> None:

@@ -3,6 +3,7 @@
     RUN_DIR/checkpoint-<step>.pt (+ .sha256)   storage.checkpoints.CheckpointStore
     RUN_DIR/history.jsonl                      one JSON record per chunk, appended
     RUN_DIR/state.json                         the latest convergence decision, replaced atomically
+    RUN_DIR/chain.json                         the chain's id, written once when the folder is first used
     RUN_DIR/.lock                              held while a chunk trains (storage.runlock.RunLock)
     RUN_DIR/attention/                         attention pictures
     RUN_DIR/wandb/                             wandb's offline files
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ class RunFolder:
 
     HISTORY = "history.jsonl"
     STATE = "state.json"
+    CHAIN = "chain.json"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -41,6 +44,10 @@ class RunFolder:
     @property
     def state_path(self) -> Path:
         return self.path / self.STATE
+
+    @property
+    def chain_path(self) -> Path:
+        return self.path / self.CHAIN
 
     @property
     def attention_dir(self) -> Path:
@@ -86,6 +93,16 @@ class RunFolder:
     def write_state(self, state: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.state_path, json.dumps(state, indent=2))
+
+    def chain_id(self) -> str:
+        """The id of the chain of chunks that trains in this folder: made the first time it is asked for (a folder
+        made by an older version gets one then) and kept in chain.json. A folder deleted and made again under the
+        same path is a new chain with a new id, so keys built from it (the chunks' idempotency keys) never
+        collide with the old chain's."""
+        if not self.chain_path.exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.chain_path, json.dumps({"chain_id": uuid.uuid4().hex}))
+        return str(json.loads(self.chain_path.read_text())["chain_id"])
 
     @staticmethod
     def picture_prefix(chunk: int) -> str:

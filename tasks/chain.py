@@ -5,11 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from uuid import UUID
+
+from prefect import get_run_logger, runtime, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
 
 from storage.run_folder import RunFolder
+from tasks.chain_report import chain_markdown, ratio_plot, report_description
 from tasks.convergence import ConvergenceConfig, Decision, decide, write_state
 from tasks.metrics import resolve_wandb_mode
 from tasks.training import TrainConfig, draw_chunk_pictures, read_history, train_chunk
@@ -42,39 +47,6 @@ def decide_task(run_dir: str, config: ConvergenceConfig) -> dict[str, Any]:
     return decision.as_dict()
 
 
-def chunk_table(history: list[dict[str, Any]], decision: Decision) -> list[dict[str, Any]]:
-    rows = []
-    for i, h in enumerate(history):
-        last = i == len(history) - 1
-        rows.append({
-            "chunk": h["chunk"], "steps": h["step"], "samples/s": round(h.get("samples_per_s", 0.0), 1),
-            "loss_fine": round(h["loss_fine"], 6), "loss_coarse": round(h["loss_coarse"], 6),
-            "ratio": round(h["ratio"], 4), "improvement_pct": round(h["improvement_pct"], 2),
-            "decision": (("stop: " if decision.done else "continue: ") + decision.reason) if last else "continue",
-        })
-    return rows
-
-
-def ratio_markdown(history: list[dict[str, Any]], decision: Decision, wandb_link: str,
-                   pictures: list[str]) -> str:
-    """The ratio across chunks as a small text chart, the decision, the wandb run and the attention pictures."""
-    lines = ["# Held-out ratio across chunks", "",
-             "`ratio = loss_coarse / loss_fine`; above 1 the foveated (fine) pass predicts the next frame better.", "",
-             "| chunk | step | ratio | improvement % | |", "|---:|---:|---:|---:|:--|"]
-    ratios = [h["ratio"] for h in history]
-    low, high = min(ratios + [1.0]), max(ratios + [1.0])
-    for h in history:
-        width = 0 if high == low else int(round(30 * (h["ratio"] - low) / (high - low)))
-        lines.append(f"| {h['chunk']} | {h['step']} | {h['ratio']:.4f} | {h['improvement_pct']:+.2f} | "
-                     f"`{'#' * width}` |")
-    status = "converged" if decision.converged else ("stopped" if decision.done else "continuing")
-    lines += ["", f"**Decision:** {status}: {decision.reason}", "", f"**wandb:** {wandb_link}"]
-    if pictures:
-        lines += ["", "**Attention pictures** (top row: static query, bottom row: foveated query):", ""]
-        lines += [f"- `{p}`" for p in pictures]
-    return "\n".join(lines)
-
-
 def wandb_link(run_dir: str, run_id: str, config: TrainConfig) -> str:
     mode = resolve_wandb_mode(config.wandb.mode)
     if mode == "online":
@@ -86,16 +58,45 @@ def wandb_link(run_dir: str, run_id: str, config: TrainConfig) -> str:
 
 
 @task(name="report-chunks", cache_policy=NONE)
-def report_chunks_task(run_dir: str, decision: dict[str, Any], config: TrainConfig) -> None:
-    """Artifacts: the table of chunks and the markdown history of the ratio, with the latest pictures."""
+def report_chunks_task(run_dir: str, decision: dict[str, Any], config: TrainConfig,
+                       rule: ConvergenceConfig | None = None, final: bool = True) -> None:
+    """The run's view of the chain: after a chunk that is not this flow run's last, a progress artifact updated in
+    place; after its last, the `train-ratio-history` markdown (plot, decision, table, attention pictures)."""
     history = read_history(run_dir)
     if not history:
         return
-    d = Decision(**decision)
-    wandb_run_id = history[-1].get("wandb_run_id", "")
-    pictures = [str(p) for p in RunFolder(run_dir).pictures(history[-1]["chunk"])]
-    create_table_artifact(key="train-chunks", table=chunk_table(history, d),
-                          description=f"Training chunks of {run_dir}")
-    create_markdown_artifact(key="train-ratio-history",
-                             markdown=ratio_markdown(history, d, wandb_link(run_dir, wandb_run_id, config), pictures),
-                             description=f"Held-out ratio of {run_dir}")
+    d, rule = Decision(**decision), rule or ConvergenceConfig()
+    if not final or _progress_id() is not None:
+        publish_progress(run_dir, history, d, rule)
+    if not final:
+        return
+    pictures = RunFolder(run_dir).pictures(history[-1]["chunk"])
+    link = wandb_link(run_dir, history[-1].get("wandb_run_id", ""), config)
+    markdown, description = chain_markdown(run_dir, history, d, rule.window, rule.tolerance_pct, link, pictures)
+    create_markdown_artifact(key="train-ratio-history", markdown=markdown, description=description)
+    get_run_logger().info("train-ratio-history: %d chunks, %d kB", len(history), len(markdown) // 1024)
+
+
+def publish_progress(run_dir: str, history: list[dict[str, Any]], decision: Decision,
+                     rule: ConvergenceConfig) -> None:
+    """This flow run's progress artifact (chunks done of the chunk budget), created once and updated in place,
+    its description a thumbnail of the ratio plot and the decision."""
+    budget = rule.max_chunks or max(decision.chunks_done, 1)
+    progress = min(100.0, 100.0 * decision.chunks_done / budget)
+    description = report_description(run_dir, decision, ratio_plot(history, rule.window, rule.tolerance_pct))
+    existing = _progress_id()
+    if existing is None:
+        create_progress_artifact(progress=progress, description=description)
+    else:
+        update_progress_artifact(existing, progress=progress, description=description)
+
+
+def _progress_id() -> UUID | None:
+    """The progress artifact this flow run's chain already has, if any."""
+    flow_run_id = runtime.flow_run.id
+    if flow_run_id is None:
+        return None
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
+    return found[0].id if found else None

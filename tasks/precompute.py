@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -159,6 +159,8 @@ class EncodeReport:
     videos_deferred: int = 0  # left pending: their download kept failing in ways a later run may not
     seconds: float = 0.0
     failed_by_reason: dict[str, int] = field(default_factory=dict)
+    # One record per committed chunk: {"chunk", "seconds" (since the call started), "videos" (done in it)}.
+    commits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def videos_per_s(self) -> float:
@@ -169,7 +171,7 @@ class EncodeReport:
         return {"chunks": self.chunks, "videos_ok": self.videos_ok, "videos_failed": self.videos_failed,
                 "videos_deferred": self.videos_deferred,
                 "seconds": round(self.seconds, 3), "videos_per_s": round(self.videos_per_s, 3),
-                "failed_by_reason": self.failed_by_reason}
+                "failed_by_reason": self.failed_by_reason, "commits": self.commits}
 
 
 def fetch_sources(urls: list[str], dest_dir: str) -> dict[str, dict[str, str | None]]:
@@ -207,7 +209,6 @@ class ChunkPipeline:
         report = EncodeReport()
         started = time.perf_counter()
         device = resolve_device(self.config.device)
-        encoder = FrameEncoder(self.config.encoder, device)
         threads = torch.get_num_threads()
         if device == "cpu":
             # The decode workers need the cores too: OpenMP threads that outnumber free cores spin and stall.
@@ -216,28 +217,29 @@ class ChunkPipeline:
         self.bar = progress_bar(total=todo, unit="video", desc="precompute")
         try:
             with DecodePool(self.config.decode) as pool:
-                self._run(pool, encoder, chunks, report, started, on_chunk)
+                # The first chunks decode while the encoders load (a second or more of imports and weights).
+                ahead = deque(self._schedule(pool, c) for c in chunks[:self.config.prefetch_chunks])
+                encoder = FrameEncoder(self.config.encoder, device)
+                self._run(pool, encoder, ahead, iter(chunks[self.config.prefetch_chunks:]), report, started,
+                          on_chunk)
         finally:
             torch.set_num_threads(threads)
             self.bar.close()
         report.seconds = time.perf_counter() - started
         return report
 
-    def _run(self, pool: DecodePool, encoder: FrameEncoder, chunks: list[int], report: EncodeReport,
-             started: float, on_chunk: Callable[[int, EncodeReport], None] | None) -> None:
-        ahead: deque[_ScheduledChunk] = deque()
-        upcoming = iter(chunks)
-        for chunk in upcoming:
-            ahead.append(self._schedule(pool, chunk))
-            if len(ahead) >= self.config.prefetch_chunks:
-                break
+    def _run(self, pool: DecodePool, encoder: FrameEncoder, ahead: deque[_ScheduledChunk], upcoming: Iterator[int],
+             report: EncodeReport, started: float, on_chunk: Callable[[int, EncodeReport], None] | None) -> None:
         while ahead:
             current = ahead.popleft()
             next_chunk = next(upcoming, None)
             if next_chunk is not None:  # keep the decoders busy while this chunk is encoded
                 ahead.append(self._schedule(pool, next_chunk))
+            done = report.videos_ok + report.videos_failed
             self._commit(pool, encoder, current, report)
             report.seconds = time.perf_counter() - started
+            report.commits.append({"chunk": current.chunk, "seconds": round(report.seconds, 3),
+                                   "videos": report.videos_ok + report.videos_failed - done})
             if on_chunk is not None:
                 on_chunk(current.chunk, report)
 
@@ -380,21 +382,34 @@ def split_chunks(chunks: list[int], parts: int) -> list[list[int]]:
 
 
 def precompute_table(info: dict[str, Any], reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of the final table: kept, dropped by reason, ok, failed by reason, bytes per video, videos/s."""
+    """Rows of the final table: the counts and rates a user acts on first (the UI shows 10 rows a page), then
+    what the rows hold, then the drop and failure reasons."""
     listing = info.get("listing", {})
+    seconds = sum(r["seconds"] for r in reports)
+    done = sum(r["videos_ok"] + r["videos_failed"] for r in reports)
+    per_video = info["sizes"]["disk_bytes_per_ok_video"]
     rows: list[dict[str, Any]] = [
         {"metric": "listed rows", "value": listing.get("rows")},
         {"metric": "kept", "value": listing.get("kept")},
+        {"metric": "ok", "value": info["ok"]}, {"metric": "failed", "value": info["failed"]},
+        {"metric": "pending", "value": info["pending"]},
+        {"metric": "videos/s (this run)", "value": round(done / seconds, 3) if seconds else None},
+        # A retried download shows in the UI only on its own task run's page ("Retry 1/3" in its logs).
+        {"metric": "download retries (this run)", "value": sum(r.get("fetch_retries", 0) for r in reports)},
+        {"metric": "bytes per ok video", "value": format_bytes(per_video) if per_video else None},
+        {"metric": "frames kept", "value": SamplingRecord.model_validate(info["sampling"]).describe()},
+        {"metric": "median seconds between stored frames", "value": info["frame_interval"]["median_s"]},
     ]
     rows += [{"metric": f"dropped: {reason}", "value": n} for reason, n in listing.get("dropped", {}).items() if n]
-    rows += [{"metric": "ok", "value": info["ok"]}, {"metric": "failed", "value": info["failed"]},
-             {"metric": "pending", "value": info["pending"]}]
     rows += [{"metric": f"failed: {reason}", "value": n} for reason, n in info["failed_by_reason"].items()]
-    per_video = info["sizes"]["disk_bytes_per_ok_video"]
-    rows.append({"metric": "bytes per ok video", "value": round(per_video) if per_video else None})
-    rows.append({"metric": "frames kept", "value": SamplingRecord.model_validate(info["sampling"]).describe()})
-    rows.append({"metric": "median seconds between stored frames", "value": info["frame_interval"]["median_s"]})
-    seconds = sum(r["seconds"] for r in reports)
-    done = sum(r["videos_ok"] + r["videos_failed"] for r in reports)
-    rows.append({"metric": "videos/s (this run)", "value": round(done / seconds, 3) if seconds else None})
     return rows
+
+
+def format_bytes(count: float) -> str:
+    """6874665 -> "6.56 MiB (6,874,665 bytes)"."""
+    value, unit = float(count), "bytes"
+    for next_unit in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, next_unit
+    return f"{round(count):,} bytes" if unit == "bytes" else f"{value:.3g} {unit} ({round(count):,} bytes)"

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -58,23 +58,29 @@ def eager():
 
 @dataclass
 class Budget:
-    """When a chunk's loop stops: the wall clock, the chunk's step limit, the run's last step."""
+    """When a chunk's loop stops: a stop asked for from outside (a cancelled flow run), the wall clock, the chunk's
+    step limit, the run's last step."""
 
     started: float
     seconds: float
     chunk_end: int | None
     total_steps: int
+    stop_requested: Callable[[], bool] | None = None
 
     @classmethod
-    def for_chunk(cls, config: TrainConfig, step: int) -> "Budget":
+    def for_chunk(cls, config: TrainConfig, step: int,
+                  stop_requested: Callable[[], bool] | None = None) -> "Budget":
         chunk_end = step + config.max_steps_per_chunk if config.max_steps_per_chunk else None
-        return cls(time.monotonic(), config.max_minutes * 60.0, chunk_end, config.total_steps)
+        return cls(time.monotonic(), config.max_minutes * 60.0, chunk_end, config.total_steps, stop_requested)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def stop_reason(self, step: int) -> str | None:
-        """'total_steps', 'steps' (the chunk's limit), 'time', or None to go on."""
+        """'cancelled' (a stop was asked for), 'total_steps', 'steps' (the chunk's limit), 'time', or None to go on.
+        Checked between steps, so a stop never cuts an optimizer step in half."""
+        if self.stop_requested is not None and self.stop_requested():
+            return "cancelled"
         if step >= self.total_steps:
             return "total_steps"
         if self.chunk_end is not None and step >= self.chunk_end:
@@ -180,9 +186,9 @@ class Trainer:
 
     def fit(self, batches: Iterable[Batch], checkpoints: CheckpointStore, sink: MetricsSink, budget: Budget) -> str:
         """Train until the budget ends, checkpointing every checkpoint_every steps. Returns why it stopped:
-        'time', 'steps' (the chunk's limit) or 'total_steps'."""
+        'time', 'steps' (the chunk's limit), 'total_steps' or 'cancelled' (budget.stop_requested)."""
         stopped = budget.stop_reason(self.global_step)
-        if stopped == "total_steps":
+        if stopped in ("total_steps", "cancelled"):
             return stopped
         window = MetricWindow(self.device)
         self.model.train()

@@ -9,10 +9,13 @@ Plain functions; the Prefect tasks that wrap them live in tasks/chain.py. The tr
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -112,6 +115,44 @@ def store_sampling(store: FeatureStore) -> dict[str, Any]:
             "described": f"{record.describe()}, {apart}"}
 
 
+class StopRequest:
+    """A stop asked for from outside while a chunk trains (SIGTERM). Prefect's process worker cancels a flow run by
+    sending its process group SIGTERM, then SIGKILL 30 s later: the loop ends at its next step boundary and the
+    chunk is checkpointed and recorded in between. Call it to know whether a stop was asked for."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum  # no logging here: a handler may run inside a logging call of the main thread
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[StopRequest]:
+    """While the block runs, SIGTERM asks the chunk to stop instead of ending the process; the previous handler
+    (in a flow run, Prefect's: it raises TerminationSignal) is put back afterwards. Python runs signal handlers in
+    the main thread and only the main thread may set them (Prefect runs a sync flow and its tasks there); in
+    another thread the block runs under the process's handler as it is."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = signal.signal(signal.SIGTERM, request.handle)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def ignore_sigterm(_worker: int) -> None:
+    """A loader worker outlives the SIGTERM its process group gets when the flow run is cancelled, so the chunk can
+    finish its step; the worker ends with the loader, or with its parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     """The chunk records of a run (RunFolder.read_history)."""
     return RunFolder(run_dir).read_history()
@@ -119,9 +160,13 @@ def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def train_chunk(store_path: str, run_dir: str | Path, config: TrainConfig, resume: str | None = None,
                 metrics_sink: MetricsSink | None = None) -> ChunkResult:
-    """Train one chunk under the run folder's lock and return what it did (the pictures: draw_chunk_pictures)."""
+    """Train one chunk under the run folder's lock and return what it did (the pictures: draw_chunk_pictures).
+
+    SIGTERM while it runs (a cancelled flow run) ends the loop at the next step; the chunk is still checkpointed,
+    evaluated and recorded, with stopped_by 'cancelled'."""
     folder = RunFolder(run_dir)
-    with folder.lock():
+    with folder.lock(), stop_on_sigterm() as stop:
+        folder.chain_id()  # the chain's id is made with the folder (storage.run_folder)
         data = ChunkData.open(store_path, config)
         checkpoints = folder.checkpoints(keep=config.keep_checkpoints)
         trainer, source = resume_trainer(checkpoints, config, resume)
@@ -129,8 +174,12 @@ def train_chunk(store_path: str, run_dir: str | Path, config: TrainConfig, resum
         log.info("store %s: %s", store_path, data.sampling["described"])
         sink = metrics_sink or MetricsSink.for_run(folder.path, config, trainer.wandb_run_id,
                                                    data={"store": store_path, "sampling": data.sampling})
-        result = _run_chunk(trainer, data, checkpoints, sink, chunk)
+        result = _run_chunk(trainer, data, checkpoints, sink, chunk, stop)
         result.resumed_from = source
+        if stop():  # asked during the loop, or after it (evaluation): either way the chain stops here
+            result.stopped_by = "cancelled"
+            log.warning("chunk %d stopped by %s at step %d: checkpoint %s saved", chunk,
+                        signal.Signals(stop.signal or signal.SIGTERM).name, result.step, result.checkpoint)
         folder.append_history(result.history_record(data.sampling))
         sink.log({f"eval/{k}": v for k, v in result.eval.items()}, trainer.global_step)
         if metrics_sink is None:
@@ -153,13 +202,15 @@ def resume_trainer(checkpoints: CheckpointStore, config: TrainConfig,
 
 
 def _run_chunk(trainer: Trainer, data: ChunkData, checkpoints: CheckpointStore, sink: MetricsSink,
-               chunk: int) -> ChunkResult:
-    """Train to the budget, checkpoint the last step, evaluate on the held-out rows."""
+               chunk: int, stop: StopRequest | None = None) -> ChunkResult:
+    """Train to the budget (or a stop request), checkpoint the last step, evaluate on the held-out rows."""
     config = trainer.config
     start_step = trainer.global_step
-    budget = Budget.for_chunk(config, start_step)
+    budget = Budget.for_chunk(config, start_step, stop)
     loader = make_train_loader(data.path, data.train_rows, config.loader, trainer.position,
                                pin_memory=trainer.device.type == "cuda")
+    if loader.num_workers > 0 and loader.worker_init_fn is None:
+        loader.worker_init_fn = ignore_sigterm
     stopped_by = trainer.fit(loader, checkpoints, sink, budget)
     seconds = budget.elapsed()
     # Saved once per step: the loop may just have saved this one, or a resumed finished run has it already.

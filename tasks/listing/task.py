@@ -9,7 +9,7 @@ from tasks.runtime import retry_unless
 retry_unless_manifest_error = retry_unless(ManifestError)
 
 
-@task(retries=2, retry_delay_seconds=30, retry_condition_fn=retry_unless_manifest_error)
+@task(name="list-videos", retries=2, retry_delay_seconds=30, retry_condition_fn=retry_unless_manifest_error)
 def list_videos_task(manifest: str, config: ListingConfig | None = None) -> Listing:
     """List a manifest's videos and log the summary (retried, unless the manifest itself is unusable)."""
     listing = list_videos(manifest, config)

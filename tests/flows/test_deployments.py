@@ -7,7 +7,9 @@ concurrency limit, and the zombie-run automation.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -122,6 +124,9 @@ class PrefectServer:
         env.pop("PREFECT_API_URL")
         server = self.spawn("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                        "--port", str(self.port), "--no-ui"], env)
+        self.wait_until_healthy(server, timeout_s)
+
+    def wait_until_healthy(self, server: Service, timeout_s: float) -> None:
         import httpx
 
         deadline = time.monotonic() + timeout_s
@@ -266,6 +271,11 @@ def test_parameter_schemas_carry_descriptions_and_defaults(deployed):
     scale_out = precompute["definitions"]["ScaleOut"]["properties"]
     assert scale_out["gpus"]["default"] == 0 and "gpu-" in scale_out["gpus"]["description"]
     assert train["properties"]["preset"]["enum"] == ["demo", "full"]
+    # the run form: the knobs people change as plain fields; the training config only as advanced overrides
+    for knob in ("batch_size", "lr", "max_minutes", "max_chunks"):
+        assert train["properties"][knob]["default"] is None and train["properties"][knob]["description"], knob
+    assert train["properties"]["train"]["anyOf"][0]["type"] == "object"
+    assert "TrainConfig" not in train["definitions"]
     convergence = train["definitions"]["ConvergenceConfig"]["properties"]
     assert convergence["max_chunks"]["default"] == 12 and convergence["max_chunks"]["description"]
 
@@ -403,6 +413,8 @@ def test_precompute_scales_out_retries_a_flaky_source_and_reports(workers, tmp_p
                 key=ArtifactFilterKey(any_=["precompute-report"]),
                 flow_run_id=ArtifactFilterFlowRunId(any_=[parent.id])))
             assert report.type == "table" and "dropped: too_short" in str(report.data)
+            rows = json.loads(report.data) if isinstance(report.data, str) else report.data
+            assert {"metric": "download retries (this run)", "value": 1} in rows, rows  # the retry, in the report
             progress = client.read_artifacts(artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in runs])))
             assert sorted(a.data for a in progress if a.type == "progress") == [100.0, 100.0]
@@ -485,6 +497,111 @@ def test_training_chain_resubmits_itself_one_chunk_at_a_time_until_the_budget(wo
     assert state["done"] and not state["converged"] and state["reason"] == "budget: 3 chunks" and \
         state["chunks_done"] == 3, state
     print(f"training chain through the deployment: {seconds:.1f} s; states: {list(states.values())}")
+
+
+def chain_runs(client, deployment_id, run_dir: Path, before: set | frozenset = frozenset()) -> list:
+    """The runs of the train deployment for `run_dir`, but those in `before`, oldest first."""
+    runs = [r for r in deployment_runs(client, deployment_id)
+            if r.parameters.get("run_dir") == str(run_dir) and r.id not in before]
+    return sorted(runs, key=lambda r: r.created)
+
+
+def chain_parameters(tmp_path: Path, run_dir: Path, **train: Any) -> dict:
+    """A demo chain on a tiny store that stops by its budget of 2 chunks (never by convergence)."""
+    from tasks.convergence import ConvergenceConfig
+
+    return {
+        "store": make_tiny_store(tmp_path / "tiny.zarr", videos=16), "run_dir": str(run_dir), "preset": "demo",
+        "train": {**tiny_train_config(), **train},
+        "convergence": ConvergenceConfig(min_steps=10**6, window=2, max_chunks=2).model_dump(mode="json"),
+    }
+
+
+def all_final(runs: list) -> bool:
+    return bool(runs) and all(r.state is not None and r.state.is_final() for r in runs)
+
+
+def test_cancelling_a_running_chunk_saves_it_and_stops_the_chain(workers, tmp_path):
+    """A cancel from the UI (the run set to Cancelling; the worker sends the process group SIGTERM): the chunk
+    stops at its next step, saves a checkpoint and records itself, the runs waiting to train the folder next are
+    cancelled, the run ends Cancelled, and a new run continues from the checkpoint."""
+    from prefect.states import Cancelling
+
+    from flows.train import chunk_key
+    from storage.checkpoints import CheckpointStore
+    from tasks.training import read_history
+
+    run_dir = tmp_path / "run"
+    parameters = chain_parameters(tmp_path, run_dir, max_steps_per_chunk=None, total_steps=10**6,
+                                  checkpoint_every=50, max_minutes=10.0)
+    with workers.client() as client:
+        train = deployment(client, "train/train")
+
+        def diagnostics() -> str:
+            return workers.logs(client, [r.id for r in chain_runs(client, train.id, run_dir)])
+
+        first = client.create_flow_run_from_deployment(train.id, parameters=parameters)
+        wait_until(lambda: CheckpointStore(run_dir).steps(), 180, "the chunk to save a checkpoint", diagnostics)
+        # waiting for the slot: the chain's next chunk (its key), and a run of the same folder (a nightly run)
+        waiting = [client.create_flow_run_from_deployment(train.id, parameters=parameters,
+                                                          idempotency_key=chunk_key(str(run_dir), 2)),
+                   client.create_flow_run_from_deployment(train.id, parameters=parameters)]
+        time.sleep(2)
+        cancelled_at = time.monotonic()
+        response = client.set_flow_run_state(first.id, Cancelling(message="cancelled from the UI"))
+        assert response.status.value == "ACCEPT", response
+        first = wait_for_final(workers, client, first.id, 120, lambda: [w.id for w in waiting])
+        seconds = time.monotonic() - cancelled_at
+        time.sleep(3)  # a chunk submitted or started after the cancel would show up by now
+        runs = chain_runs(client, train.id, run_dir)
+        report = diagnostics()
+        assert first.state.is_cancelled(), report
+        assert all(r.state.is_cancelled() for r in runs if r.id != first.id) and len(runs) == 3, \
+            [(r.name, r.state.name, r.idempotency_key) for r in runs]
+
+        history = read_history(run_dir)
+        assert len(history) == 1 and history[0]["stopped_by"] == "cancelled", (history, report)
+        step = history[0]["step"]
+        assert step > 0 and CheckpointStore(run_dir).steps()[-1] == step, (CheckpointStore(run_dir).steps(), step)
+
+        # a new run (the nightly one, or one from the UI) continues from that checkpoint
+        again = client.create_flow_run_from_deployment(train.id, parameters={
+            **parameters, "train": {**parameters["train"], "max_steps_per_chunk": 4}})
+        again = wait_for_final(workers, client, again.id, 240, lambda: [])
+        assert again.state.is_completed(), diagnostics()
+    history = read_history(run_dir)
+    assert [h["chunk"] for h in history] == [1, 2] and history[1]["step"] == step + 4, history
+    print(f"cancelled chunk at step {step}, run Cancelled {seconds:.1f} s after the cancel")
+
+
+def test_a_run_folder_deleted_and_started_again_starts_a_working_chain(workers, tmp_path):
+    """Prefect keeps an idempotency key per flow for good: the second chain on the same path must not get the
+    first chain's chunk-2 run back, it must train its own."""
+    from tasks.training import read_history
+
+    run_dir = tmp_path / "nightly"
+    parameters = chain_parameters(tmp_path, run_dir)
+    seen: set = set()
+    second_chunks = []
+    with workers.client() as client:
+        train = deployment(client, "train/train")
+        for attempt in range(2):
+            client.create_flow_run_from_deployment(train.id, parameters=parameters)
+
+            def finished() -> list | None:
+                runs = chain_runs(client, train.id, run_dir, seen)
+                return runs if len(runs) >= 2 and all_final(runs) else None
+
+            runs = wait_until(finished, 300, f"chain {attempt + 1} to train 2 chunks",
+                              lambda: workers.logs(client, [r.id for r in chain_runs(client, train.id, run_dir)]),
+                              every_s=2)
+            assert all(r.state.is_completed() for r in runs) and len(runs) == 2, [r.state for r in runs]
+            assert [h["chunk"] for h in read_history(run_dir)] == [1, 2], attempt
+            second_chunks.append(runs[1])
+            seen |= {r.id for r in runs}
+            shutil.rmtree(run_dir)  # the user deletes the run folder and starts over
+    assert second_chunks[0].id != second_chunks[1].id
+    assert second_chunks[0].idempotency_key != second_chunks[1].idempotency_key
 
 
 # ---- zombie runs ---------------------------------------------------------------------------------------

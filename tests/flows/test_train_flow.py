@@ -1,8 +1,11 @@
 """The training chain as a Prefect flow (the session's test harness server): chunks until a decision."""
 
-import json
+import base64
+import io
+import re
 
 import pytest
+from PIL import Image
 
 from flows.train import chunk_key, train_flow
 from tasks.convergence import ConvergenceConfig, read_state
@@ -26,6 +29,21 @@ def flow_artifacts(flow_run_id):
     return {a.key: a for a in sorted(found, key=lambda a: a.created) if a.key}  # the latest of each key
 
 
+def all_flow_artifacts(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    runs = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return sorted(client.read_artifacts(artifact_filter=runs), key=lambda a: a.created)
+
+
+def embedded_pngs(markdown):
+    """The pictures a markdown holds as data: URIs, decoded (a broken one fails here)."""
+    uris = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", markdown)
+    return [Image.open(io.BytesIO(base64.b64decode(uri))) for uri in uris]
+
+
 def test_chain_runs_chunks_until_the_budget_and_records_why(store, tmp_path, prefect_harness):
     rule = ConvergenceConfig(min_steps=0, window=4, tolerance_pct=0.01, max_chunks=3)
     state = train_flow(store=store, run_dir=str(tmp_path), preset="demo",
@@ -39,14 +57,23 @@ def test_chain_runs_chunks_until_the_budget_and_records_why(store, tmp_path, pre
     assert saved["chunks_done"] == 3 and saved["reason"] == "budget: 3 chunks" and saved["converged"] is False
     assert saved["ratio"] == pytest.approx(history[-1]["ratio"])
 
-    artifacts = flow_artifacts(state.state_details.flow_run_id)
-    table = artifacts["train-chunks"].data
-    rows = json.loads(table) if isinstance(table, str) else table
-    assert [r["chunk"] for r in rows] == [1, 2, 3] and rows[-1]["decision"] == "stop: budget: 3 chunks"
-    assert {"steps", "samples/s", "loss_fine", "loss_coarse", "ratio", "improvement_pct"} <= set(rows[0])
-    markdown = artifacts["train-ratio-history"].data
+    # One current view per flow run: a single train-ratio-history (not one per chunk), and a progress artifact
+    # updated in place after each chunk.
+    found = all_flow_artifacts(state.state_details.flow_run_id)
+    assert [a.key for a in found if a.key] == ["train-ratio-history"], [(a.key, a.type) for a in found]
+    progress = [a for a in found if a.type == "progress"]
+    assert len(progress) == 1 and progress[0].data == 100.0 and "data:image/png;base64," in progress[0].description
+    report = found[[a.key for a in found].index("train-ratio-history")]
+    markdown = report.data
     assert "Held-out ratio across chunks" in markdown and "wandb disabled" in markdown
-    assert "attention" in markdown and ".png" in markdown
+    assert "**stopped** after 3 chunks: budget: 3 chunks" in markdown and "budget: 3 chunks" in report.description
+    table = [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")]
+    assert table == ["chunk", "1", "2", "3"]
+    images = embedded_pngs(markdown)
+    assert len(images) == 1 + 1  # the ratio plot and the latest chunk's attention picture (attention_videos=1)
+    assert all(image.format == "PNG" and image.width >= 560 for image in images)
+    assert len(embedded_pngs(report.description)) == 1 and images[0].size == (760, 600)
+    assert len(markdown) < 400_000 and len(report.description) < 20_000
 
     # A second invocation with a larger budget continues the same run: steps keep increasing, no chunk repeats.
     more = ConvergenceConfig(min_steps=0, window=4, tolerance_pct=0.01, max_chunks=5)
