@@ -13,6 +13,7 @@ from flows.cli_options import Section, add_config_options, build_config, config_
 from tasks.runtime import PROGRESS_ENV
 
 log = logging.getLogger("fvlm")
+SERVER_CONSOLE_CLASS = "flows.server_logging.ServerConsoleHandler"  # (a string: importing it imports prefect)
 
 
 def encoder_section() -> Section:
@@ -218,16 +219,26 @@ def _human(n: float | None) -> str:
     return str(n)
 
 
+def configure_temporary_server() -> None:
+    """Settings of the temporary Prefect server that a command without PREFECT_API_URL starts (a user's own
+    environment wins)."""
+    # It would send usage telemetry; its heartbeat job also races the run's first writes to the server's SQLite
+    # file ("database is locked", a traceback on stderr).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect waits 20 s for it; a fresh database on two busy cores takes longer, and the command failed unrun.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # When it stops, a service cancelled mid-write prints a CancelledError traceback: its console drops those.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", SERVER_CONSOLE_CLASS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    configure_temporary_server()  # before the parser's configs import prefect, which reads its settings once
     command = command_of(argv)
     args = build_parser([command] if command else []).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     os.environ.setdefault(PROGRESS_ENV, "1")  # progress bars on a terminal; flows run elsewhere stay quiet
-    # The temporary server started without PREFECT_API_URL would send usage telemetry; its heartbeat job also
-    # races the run's first writes to the server's SQLite file ("database is locked", a traceback on stderr).
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # httpx logs every request at INFO, full URLs (with any query-string token) included.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from pydantic import ValidationError
@@ -257,6 +268,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors as err:
         log.error("%s", err)  # what is wrong and what to do, without a traceback
         return 2
+    except RuntimeError as err:
+        if not is_server_start_timeout(err):
+            raise
+        log.error("%s", SERVER_START_HINT)
+        return 2
+
+
+SERVER_START_HINT = (
+    "the temporary Prefect server did not start in time (a busy machine or a fresh database): start one with "
+    "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api (faster for every command), or "
+    "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+)
+
+
+def is_server_start_timeout(err: RuntimeError) -> bool:
+    """Prefect's error when the temporary server it starts for a command without PREFECT_API_URL does not answer."""
+    return "ephemeral Prefect API server" in str(err)
 
 
 if __name__ == "__main__":
