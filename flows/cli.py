@@ -39,7 +39,8 @@ def precompute_sections() -> tuple[Section, Section, Section, Section]:
 def add_precompute_options(p: argparse.ArgumentParser) -> None:
     encoder, listing, decode, layout = precompute_sections()
     p.add_argument("--manifest", required=True, help="CSV / Parquet / JSON-lines manifest, or a folder of videos")
-    p.add_argument("--store", required=True, help="feature store path (a Zarr group; created if absent)")
+    p.add_argument("--store", required=True, help="feature store: a folder, or an object-store URL such as "
+                                                     "s3://bucket/features.zarr (a Zarr group; created if absent)")
     config_flag(p, "--preset", encoder, "preset", dest="preset",
                 help="full: real DINOv2 + SD-VAE weights; demo: tiny random encoders (CPU, no network)")
     config_flag(p, "--min-duration", listing, "min_duration_s")
@@ -54,6 +55,8 @@ def add_precompute_options(p: argparse.ArgumentParser) -> None:
     config_flag(p, "--sampling", decode, "sampling")
     config_flag(p, "--window-frames", decode, "window_frames")
     config_flag(p, "--chunk-videos", layout, "chunk_videos", help="videos per store chunk (new stores only)")
+    config_flag(p, "--feature-codec", layout, "feature_codec")
+    config_flag(p, "--compression", layout, "compression")
     config_flag(p, "--batch-frames", encoder, "batch_frames")
     for section in (encoder, listing, decode, layout):
         add_config_options(p, section)
@@ -63,12 +66,13 @@ def add_store_options(p: argparse.ArgumentParser) -> None:
     encoder, layout = encoder_section(), layout_section()
     store_sub = p.add_subparsers(dest="store_command", required=True)
     info = store_sub.add_parser("info", help="counts, failures, listing summary, sizes, attributes")
-    info.add_argument("store")
+    info.add_argument("store", help="folder or URL (s3://...) of the store")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
     imp = store_sub.add_parser("import-pt", help="convert a seed-format folder of .pt files into a store")
     imp.add_argument("folder")
     imp.add_argument("store")
     config_flag(imp, "--chunk-videos", layout, "chunk_videos", help="videos per store chunk")
+    config_flag(imp, "--feature-codec", layout, "feature_codec")
     config_flag(imp, "--dino-id", encoder, "dino", dest="dino_id", help="encoder the .pt files came from")
     config_flag(imp, "--vae-id", encoder, "vae", dest="vae_id", help="VAE the .pt files came from")
     add_config_options(imp, layout)
@@ -191,7 +195,8 @@ def format_store_info(info: dict[str, Any]) -> str:
     attrs = info["attributes"]
     lines = [
         format_store_summary(info),
-        f"chunks     {info['chunks']} of {info['chunk_videos']} videos",
+        f"chunks     {info['chunks']} of {info['chunk_videos']} videos, {info['feature_codec']} features, "
+        f"compression {attrs.get('compression')}",
         f"disk       {_human(sizes['disk_bytes'])} ({_human(sizes['disk_bytes_per_ok_video'])} per ok video)",
         f"encoders   dino {attrs.get('dino', {}).get('id')}, vae {attrs.get('vae', {}).get('id')}",
         f"frames     {attrs.get('frames')} x {attrs.get('frame_size')} px: {format_sampling(info)}",
@@ -241,6 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault(PROGRESS_ENV, "1")  # progress bars on a terminal; flows run elsewhere stay quiet
     # httpx logs every request at INFO, full URLs (with any query-string token) included.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # botocore, aiobotocore and s3fs log request headers (the access key id among them) at DEBUG, under -v too.
+    for name in ("botocore", "aiobotocore", "s3fs", "urllib3"):
+        logging.getLogger(name).setLevel(logging.INFO)
     from pydantic import ValidationError
 
     from storage.store import StoreError

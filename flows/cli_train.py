@@ -20,7 +20,8 @@ def train_sections() -> tuple[Section, Section]:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     train, convergence = train_sections()
-    p.add_argument("--store", required=True, help="feature store made by `fvlm precompute` or `store import-pt`")
+    p.add_argument("--store", required=True, help="feature store made by `fvlm precompute` or `store import-pt`: a "
+                                                   "folder or a URL (s3://bucket/features.zarr)")
     p.add_argument("--run-dir", required=True, help="run folder: checkpoints, history.jsonl, state.json, wandb")
     config_flag(p, "--preset", train, "preset", dest="preset", help="model size and recipe")
     config_flag(p, "--max-minutes", train, "max_minutes", help="wall-clock budget of each chunk")
@@ -43,7 +44,7 @@ def demo_section() -> Section:
 
 def add_demo_options(p: argparse.ArgumentParser) -> None:
     demo = demo_section()
-    for flag in ("--workdir", "--videos", "--max-minutes", "--max-chunks", "--control"):
+    for flag in ("--workdir", "--videos", "--max-minutes", "--max-chunks", "--control", "--feature-codec"):
         config_flag(p, flag, demo, flag[2:].replace("-", "_"))
     add_config_options(p, demo)
 

@@ -17,6 +17,7 @@ from prefect.cache_policies import NONE
 from flows.precompute import precompute_flow
 from flows.train import train_flow
 from model.encoders import EncoderConfig
+from storage.store import StoreConfig
 from tasks.samples import DEMO_VIDEOS, ensure_demo_collection
 
 
@@ -33,7 +34,8 @@ def make_demo_videos_task(folder: str, videos: int, seed: int, control: Literal[
 
 @flow(name="demo", log_prints=False)
 def demo_flow(workdir: str | None = None, videos: int = DEMO_VIDEOS, max_minutes: float = 0.75, max_chunks: int = 6,
-              seed: int = 0, control: Literal["cue", "none"] = "cue") -> dict[str, Any]:
+              seed: int = 0, control: Literal["cue", "none"] = "cue",
+              feature_codec: Literal["float16", "int8"] = "float16") -> dict[str, Any]:
     """The whole pipeline on embedded defaults: no weights, no network, a CPU.
 
     Args:
@@ -45,12 +47,14 @@ def demo_flow(workdir: str | None = None, videos: int = DEMO_VIDEOS, max_minutes
         seed: seed of the sample videos and of the demo encoders
         control: cue: videos whose next frame a foveated query can predict better (the ratio should end well
             above 1); none: the negative control, the same videos without the cue (the ratio should end at 1)
+        feature_codec: how the store keeps the DINO features: float16, or int8 (half the bytes; see
+            storage/feature_codec.py)
     """
     root = Path(workdir or demo_workdir(control))
     manifest = make_demo_videos_task(str(root / "videos"), videos, seed, control)
     store = str(root / "features.zarr")
     info = precompute_flow(manifest=manifest, store=store, encoder=EncoderConfig.for_preset("demo", seed=seed),
-                           device="cpu")
+                           layout=StoreConfig(feature_codec=feature_codec), device="cpu")
     decision = train_flow(store=store, run_dir=str(root / "run"), preset="demo", max_minutes=max_minutes,
                           max_chunks=max_chunks)
     return {"workdir": str(root), "manifest": manifest, "control": control, "store": info, "training": decision}

@@ -14,6 +14,8 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.feature_codec import STORED_DTYPE
+
 SCHEMA_VERSION = 2
 SEED_WINDOW_FRAMES = 72  # the seed decodes the first `num_frames * 3` frames of a video (its ffmpeg -frames:v)
 VAE_SCALING_FACTOR = 0.18215  # SD-VAE's latents are its posterior mean times this (the seed's .pt files too)
@@ -63,6 +65,7 @@ class StoreAttrs(BaseModel):
     latent_shape: list[int] | None = None
     chunk_videos: int | None = None
     compression: str | None = None
+    feature_codec: str = "float16"  # stores made before the codec existed are float16
     frame_size: int | None = None
     resize: str | None = None
     sampling: SamplingRecord = Field(default_factory=SamplingRecord)
@@ -121,7 +124,8 @@ def compare(attrs: StoreAttrs, expected: StoreExpectation, dtypes: dict[str, str
         found.append(Mismatch("frame_size", attrs.frame_size, expected.frame_size))
     if expected.sampling is not None and not attrs.sampling.same_choice(expected.sampling):
         found.append(Mismatch("sampling", attrs.sampling, expected.sampling))
-    # the loader reads float16 bytes straight from the chunk files
-    found += [Mismatch(f"{name} dtype", dtype, "float16", "dtype") for name, dtype in dtypes.items()
-              if dtype != "float16"]
+    # the loader reads the raw values of the chunks: float16, or the int8 codes the codec records
+    readable = {"dino_features": STORED_DTYPE.get(attrs.feature_codec, "float16"), "latents": "float16"}
+    found += [Mismatch(f"{name} dtype", dtype, readable.get(name, "float16"), "dtype")
+              for name, dtype in dtypes.items() if dtype != readable.get(name, "float16")]
     return found

@@ -83,7 +83,7 @@ def import_pt_folder(folder: str | os.PathLike, store_path: str | os.PathLike, c
 
     dino_id, vae_id: the encoders the files came from (`fvlm store import-pt` defaults to EncoderConfig's, the
     seed's)."""
-    folder, store_path = Path(folder), Path(store_path)
+    folder, store_path = Path(folder), str(store_path)  # the store may be a URL (s3://...): kept as text
     files = sorted(folder.glob("*.pt"))
     if not files:
         raise StoreError(f"no .pt files in {folder} (expected the seed's one-file-per-video folder)")

@@ -2,7 +2,9 @@
 
 What a training step gets is a whole batch, read straight into a batch buffer:
 
-    features  (B, T, N, D)        float16   T = `frames` of the F stored frames, floor(linspace(0, F-1, T))
+    features  (B, T, N, D)        float16   T = `frames` of the F stored frames, floor(linspace(0, F-1, T));
+                                            int8 codes in a store of the compact codec, with
+    feature_scale, feature_offset (B, D) float32   (only then: storage.feature_codec.features_on_device)
     latents   (B, T, 4, 32, 32)   float16
     rows      (B,)                int64     store rows, sorted inside the batch
     epoch, batch                  int       the batch's position, for the checkpoint
@@ -21,9 +23,14 @@ Reading: a batch touches at most a few store chunks. When the feature arrays are
 in a local folder (the default layout), a chunk file is the raw little-endian array in C order, so the frames
 a batch needs are read with `os.preadv` straight from the chunk file into the batch buffer: one copy, no
 decode, only the needed frames of the needed rows. A batch of 64 real-sized samples takes ~50 ms so, the time
-of a memory copy, against ~430 ms through zarr, which decodes whole chunks. Any other layout (zstd, sharding,
-a remote URL) is read through zarr, each chunk a batch touches once, and the needed frames are copied out.
-Tests check that both paths read the same values.
+of a memory copy, against ~430 ms through zarr, which decodes whole chunks. The same raw layout on an object
+store (s3://...) is read with ranged requests, one per row and array (runs of frames close together share a
+request), all of a batch's requests at once; the DataLoader workers prefetch batches, so a step does not wait
+on the network. Any other layout (zstd, blosc, sharding) is read through zarr, each chunk a batch touches once,
+and the needed frames are copied out. Tests check that every path reads the same values.
+
+The compact int8 codec (storage.feature_codec) stores codes in the same raw layout; a batch then carries its
+int8 codes and each row's per-channel `feature_scale` and `feature_offset`, and the training device dequantises.
 
 Batch buffers are allocated once per reading process, as a ring of a few slots, in shared memory when the
 process is a DataLoader worker, so that the DataLoader hands them to the training process without copying.
@@ -46,7 +53,7 @@ from pydantic import BaseModel, Field
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from storage.store import OK, FeatureStore, StoreError
-from storage.zarr_files import chunk_file, raw_chunk_folder
+from storage.zarr_files import chunk_file, is_raw, raw_chunk_folder, read_byte_ranges
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +208,31 @@ def _rows_by_chunk(rows: np.ndarray, chunk_videos: int) -> Iterator[tuple[int, n
         yield int(chunks[start]), positions[start:stop]
 
 
+MERGE_GAP_BYTES = 256 * 1024  # ranged reads: runs of frames this close are fetched in one request
+
+
+def merged_spans(runs: list[tuple[int, int, int]], frame_bytes: int,
+                 max_gap_bytes: int = MERGE_GAP_BYTES) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """(first stored frame, stop, runs inside) of the byte ranges a ranged reader requests for one row: runs
+    (sorted, from `frame_runs`) separated by at most `max_gap_bytes` share a request, so an object store sees a
+    few large GETs rather than many small ones (16 of 24 frames: one request per row and array)."""
+    spans: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+    for run in runs:
+        first, _, length = run
+        if spans and (first - spans[-1][1]) * frame_bytes <= max_gap_bytes:
+            start, _, inside = spans[-1]
+            spans[-1] = (start, first + length, inside + [run])
+        else:
+            spans.append((first, first + length, [run]))
+    return spans
+
+
 class _ArrayReader:
-    """Copies the chosen frames of rows of one (V, F, ...) array into an output buffer (B, T, ...)."""
+    """Copies the chosen frames of rows of one (V, F, ...) array into an output buffer (B, T, ...).
+
+    Three ways, chosen once: `file` (raw chunk files of a local store, os.preadv), `ranges` (raw chunk objects
+    of a remote store, concurrent ranged requests for the whole batch), `zarr` (anything else: whole chunks
+    decoded by zarr)."""
 
     def __init__(self, array: zarr.Array, indices: np.ndarray, direct: bool | None):
         self.array = array
@@ -211,21 +241,29 @@ class _ArrayReader:
         self.chunk_videos = array.chunks[0]
         self.stored_frames = array.shape[1]
         self.frame_bytes = int(np.prod(array.shape[2:])) * array.dtype.itemsize
-        folder = raw_chunk_folder(array) if direct is not False else None
-        if direct and folder is None:
-            raise LoaderError(f"array {array.path} is compressed, sharded or remote: "
-                              "its chunk files cannot be read directly")
-        self.folder = folder
+        self.spans = merged_spans(self.runs, self.frame_bytes)
+        raw = is_raw(array) and direct is not False
+        self.folder = raw_chunk_folder(array) if raw else None
+        self.mode = "zarr" if not raw else ("file" if self.folder is not None else "ranges")
+        if direct and not raw:
+            raise LoaderError(f"array {array.path} is compressed or sharded: its chunks cannot be read directly")
 
     def read(self, rows: np.ndarray, out: np.ndarray) -> None:
         """out[i] = array[rows[i], indices] for every i."""
         if out.dtype != self.array.dtype:
             raise LoaderError(f"batch buffer is {out.dtype}, array {self.array.path} is {self.array.dtype}")
+        if self.mode == "ranges":
+            self._read_ranges(rows, out)
+            return
         for chunk, positions in _rows_by_chunk(rows, self.chunk_videos):
-            if self.folder is not None:
+            if self.mode == "file":
                 self._read_file(chunk, rows, positions, out)
             else:
                 self._read_zarr(chunk, rows, positions, out)
+
+    def _damaged(self, where: str, chunk: int) -> StoreError:
+        return StoreError(f"chunk {where} is shorter than its array's chunk shape: the store is damaged; rewrite "
+                          f"chunk {chunk} (fvlm precompute redoes rows not ok)")
 
     def _read_file(self, chunk: int, rows: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
         path = chunk_file(self.array, chunk)
@@ -243,10 +281,30 @@ class _ArrayReader:
                     target = out_bytes[position, out_first:out_first + length]  # contiguous frames
                     offset = (in_chunk * self.stored_frames + first) * self.frame_bytes
                     if os.preadv(fd, [target], offset) != target.nbytes:
-                        raise StoreError(f"chunk file {path} is shorter than its array's chunk shape: the store is "
-                                         f"damaged; rewrite chunk {chunk} (fvlm precompute redoes rows not ok)")
+                        raise self._damaged(f"file {path}", chunk)
         finally:
             os.close(fd)
+
+    def _read_ranges(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Every span of every row of the batch in one concurrent round of ranged requests."""
+        out_bytes = out.reshape(out.shape[0], out.shape[1], -1).view(np.uint8)
+        requests, targets = [], []
+        for position, row in enumerate(rows.tolist()):
+            chunk, in_chunk = divmod(int(row), self.chunk_videos)
+            base = in_chunk * self.stored_frames
+            for first, stop, inside in self.spans:
+                requests.append((chunk, (base + first) * self.frame_bytes, (base + stop) * self.frame_bytes))
+                targets.append((position, first, stop, inside))
+        for data, (position, first, stop, inside) in zip(read_byte_ranges(self.array, requests), targets):
+            if data is None:  # a chunk never written holds the fill value
+                out[position] = self.array.fill_value
+                continue
+            if len(data) != (stop - first) * self.frame_bytes:
+                raise self._damaged(f"object of row {int(rows[position])} in {self.array.path}",
+                                    int(rows[position]) // self.chunk_videos)
+            frames = np.frombuffer(data, dtype=np.uint8).reshape(stop - first, self.frame_bytes)
+            for stored, out_first, length in inside:
+                out_bytes[position, out_first:out_first + length] = frames[stored - first:stored - first + length]
 
     def _read_zarr(self, chunk: int, rows: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
         first = int(rows[positions[0]])
@@ -256,10 +314,14 @@ class _ArrayReader:
 
 
 class BatchReader:
-    """Reads the frames a sample uses of any rows of a store. Open it in the process that reads."""
+    """Reads the frames a sample uses of any rows of a store. Open it in the process that reads.
+
+    `read` fills the caller's feature and latent buffers (features in the store's dtype: float16, or int8 codes
+    of the compact codec) and returns what else a batch carries: for an int8 store, the rows' `feature_scale`
+    and `feature_offset` (B, D) float32, which the training device applies (storage.feature_codec)."""
 
     def __init__(self, store_path: str | os.PathLike, frames: int, direct: bool | None = None):
-        """direct: None reads chunk files directly where the layout allows, True insists, False always uses zarr."""
+        """direct: None reads raw chunks directly where the layout allows, True insists, False always uses zarr."""
         store = FeatureStore.open(store_path)
         self.indices = frame_indices(store.shapes.frames, frames)
         self.frames = frames
@@ -267,15 +329,28 @@ class BatchReader:
         self.latent_shape = (frames, *store.shapes.latent_shape)  # (T, C, S, S)
         self.features = _ArrayReader(store.group["dino_features"], self.indices, direct)
         self.latents = _ArrayReader(store.group["latents"], self.indices, direct)
+        self.feature_dtype = store.group["dino_features"].dtype
+        self.quantised = store.feature_codec == "int8"
+        self.scales = (store.group["dino_scale"], store.group["dino_offset"]) if self.quantised else None
 
     @property
     def direct(self) -> bool:
         return self.features.folder is not None and self.latents.folder is not None
 
-    def read(self, rows: np.ndarray, features: np.ndarray, latents: np.ndarray) -> None:
-        """features[i], latents[i] = the chosen frames of row rows[i]."""
+    @property
+    def mode(self) -> str:
+        """'file', 'ranges' or 'zarr': how the feature chunks are read."""
+        return self.features.mode
+
+    def read(self, rows: np.ndarray, features: np.ndarray, latents: np.ndarray) -> dict[str, torch.Tensor]:
+        """features[i], latents[i] = the chosen frames of row rows[i]; returns the batch's other tensors."""
         self.features.read(rows, features)
         self.latents.read(rows, latents)
+        if self.scales is None:
+            return {}
+        scale, offset = (np.asarray(array.get_orthogonal_selection((rows, slice(None))), dtype=np.float32)
+                         for array in self.scales)
+        return {"feature_scale": torch.from_numpy(scale), "feature_offset": torch.from_numpy(offset)}
 
 
 class BatchRing:
@@ -284,8 +359,9 @@ class BatchRing:
     ~0.2 s, so it is done before the first batch rather than in the middle of a run."""
 
     def __init__(self, slots: int, batch_size: int, feature_shape: tuple[int, ...], latent_shape: tuple[int, ...],
-                 shared: bool):
+                 shared: bool, feature_dtype: torch.dtype = torch.float16):
         self.slots = slots
+        self.feature_dtype = feature_dtype
         self.feature_shape = (batch_size, *feature_shape)  # (B, T, N, D)
         self.latent_shape = (batch_size, *latent_shape)  # (B, T, C, S, S)
         self.shared = shared
@@ -299,12 +375,13 @@ class BatchRing:
 
     def _allocate(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            features = torch.empty(self.feature_shape, dtype=torch.float16)
+            features = torch.empty(self.feature_shape, dtype=self.feature_dtype)
             latents = torch.empty(self.latent_shape, dtype=torch.float16)
             if self.shared:
                 features, latents = features.share_memory_(), latents.share_memory_()
         except RuntimeError as err:
-            mib = 2 * (np.prod(self.feature_shape) + np.prod(self.latent_shape)) / 2**20
+            item = self.feature_dtype.itemsize
+            mib = (item * np.prod(self.feature_shape) + 2 * np.prod(self.latent_shape)) / 2**20
             raise LoaderError(
                 f"cannot allocate a batch buffer of {mib:.0f} MiB{' in shared memory' if self.shared else ''} "
                 f"({self.slots} per reading process): {err}. Give the machine or container more /dev/shm "
@@ -350,7 +427,7 @@ class TrainBatches(IterableDataset):
         slots = self.config.prefetch_factor + 2 if info is not None else 2
         reader = BatchReader(self.store_path, self.config.frames)
         ring = BatchRing(slots, self.config.batch_size, reader.feature_shape, reader.latent_shape,
-                         shared=info is not None)
+                         shared=info is not None, feature_dtype=torch_dtype(reader.feature_dtype))
         order_epoch, order = -1, np.empty((0, 0), dtype=np.int64)
         index = self.start + worker
         while True:
@@ -359,10 +436,21 @@ class TrainBatches(IterableDataset):
                 order_epoch, order = epoch, epoch_order(self.train_rows, self.chunk_videos, self.config, epoch)
             rows = order[batch]
             features, latents = ring.next()
-            reader.read(rows, features.numpy(), latents.numpy())
+            extra = reader.read(rows, features.numpy(), latents.numpy())
             yield {"features": features, "latents": latents, "rows": torch.from_numpy(rows.copy()),
-                   "epoch": epoch, "batch": batch}
+                   "epoch": epoch, "batch": batch, **extra}
             index += workers
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+def _describe_reads(store: FeatureStore) -> str:
+    features = store.group["dino_features"]
+    how = ("direct chunk-file reads" if raw_chunk_folder(features) is not None
+           else "concurrent ranged reads" if is_raw(features) else "zarr reads")
+    return f"{how}, {store.feature_codec} features"
 
 
 def _check_rows(store: FeatureStore, rows: np.ndarray, what: str) -> None:
@@ -387,7 +475,7 @@ def make_train_loader(store_path: str | os.PathLike, train_rows: np.ndarray, con
     log.info("train loader: %d rows, %d batches of %d per epoch, from epoch %d batch %d, %d workers, %s",
              dataset.train_rows.size, dataset.batches_per_epoch, config.batch_size, position.epoch,
              position.batch, config.num_workers,
-             "direct chunk reads" if raw_chunk_folder(store.group["dino_features"]) else "zarr reads")
+             _describe_reads(store))
     extra: dict[str, Any] = {}
     if config.num_workers > 0:
         extra["prefetch_factor"] = config.prefetch_factor
@@ -406,12 +494,14 @@ def eval_batches(store_path: str | os.PathLike, eval_rows: np.ndarray, config: L
     _check_rows(store, rows, "held-out")
     reader = BatchReader(store_path, config.frames)
     size = config.batch_size
-    ring = BatchRing(2, min(size, rows.size), reader.feature_shape, reader.latent_shape, shared=False)
+    ring = BatchRing(2, min(size, rows.size), reader.feature_shape, reader.latent_shape, shared=False,
+                     feature_dtype=torch_dtype(reader.feature_dtype))
     count = -(-rows.size // size)
     if max_batches is not None:
         count = min(count, max_batches)
     for batch in range(count):
         chunk = rows[batch * size:(batch + 1) * size]
         features, latents = (buffer[: chunk.size] for buffer in ring.next())
-        reader.read(chunk, features.numpy(), latents.numpy())
-        yield {"features": features, "latents": latents, "rows": torch.from_numpy(chunk.copy()), "batch": batch}
+        extra = reader.read(chunk, features.numpy(), latents.numpy())
+        yield {"features": features, "latents": latents, "rows": torch.from_numpy(chunk.copy()), "batch": batch,
+               **extra}

@@ -2,7 +2,8 @@
 
 Layout (DESIGN.md):
 
-    dino_features  (V, F, 325, 384) float16   K videos per chunk
+    dino_features  (V, F, 325, 384) float16   K videos per chunk (int8 codes with the compact codec, plus
+    dino_scale, dino_offset (V, 384) float32   their per-video, per-channel scales: storage.feature_codec)
     latents        (V, F, 4, 32, 32) float16  K videos per chunk
     status         (V,) uint8                 0 pending, 1 ok, 2 failed; the commit mark
     video_id, caption, source, error  (V,) str
@@ -17,8 +18,10 @@ rows, so one process creates every array at full size, each writer owns whole ch
 writes each chunk in one call, and `status` is written last. A row whose status is not ok is simply done again
 by the next run. Chunk files are replaced atomically by zarr's local store, so a killed writer leaves either
 the old chunk or the new one, never half of one (plus, at worst, a `*.partial` temporary file, which the next
-writer of that chunk removes). `create` sets the group attributes last: a group without `schema_version` is
-one whose creation was interrupted.
+writer of that chunk removes); on an object store (s3://bucket/x.zarr, through zarr's fsspec store) each chunk
+is one object put whole. `create` sets the group attributes last: a group without `schema_version` is one
+whose creation was interrupted (a local store is built under a temporary name, so only a remote one can be
+found so, and the next `create` replaces it: every row of it was still pending).
 
 A write that fails (disk full, file-size limit, read-only or forbidden folder) raises StoreWriteError and
 commits nothing of its chunk: its rows stay pending, since a full disk is not the videos' fault.
@@ -38,6 +41,7 @@ import zarr
 from pydantic import BaseModel, Field
 
 from storage.attrs import SCHEMA_VERSION, Mismatch, StoreAttrs, StoreExpectation, compare
+from storage.feature_codec import STORED_DTYPE, FeatureCodec, dequantise_int8, quantise_int8
 from storage.staging import staged_folder
 from storage.zarr_files import is_url, remove_partial_files
 
@@ -72,8 +76,14 @@ class StoreConfig(BaseModel):
     """How a new store is laid out (an existing store keeps the layout it was created with)."""
 
     chunk_videos: int = Field(8, ge=1, le=1024, description="K: videos per chunk of the feature arrays")
-    compression: Literal["none", "zstd"] = Field(
-        "none", description="codec of the feature arrays; 'none' reads fastest, 'zstd' saves some disk"
+    compression: Literal["none", "zstd", "blosc"] = Field(
+        "none", description="lossless compressor of the feature arrays: 'none' reads fastest (only the needed "
+                            "frames, from disk or with ranged requests); 'zstd' and 'blosc' (zstd after a byte "
+                            "shuffle) save a little space and decode whole chunks"
+    )
+    feature_codec: FeatureCodec = Field(
+        "float16", description="how dino_features are stored: 'float16' as encoded, or 'int8' codes with "
+                               "per-video, per-channel scales (half the bytes; dequantised on the training device)"
     )
 
 
@@ -91,7 +101,7 @@ class FeatureShapes:
 class ChunkRows:
     """The rows of one chunk as they are committed: features for ok rows, a reason for failed ones."""
 
-    features: np.ndarray  # (n, F, N, D) float16
+    features: np.ndarray  # (n, F, N, D) float16 (float32 when read back from an int8 store)
     latents: np.ndarray  # (n, F, 4, 32, 32) float16
     status: np.ndarray  # (n,) uint8
     error: list[str]
@@ -107,6 +117,7 @@ class FeatureStore:
         self.path = path
         self.attrs: dict[str, Any] = dict(group.attrs)  # the record as stored; code reads `attributes`
         self.attributes = StoreAttrs.model_validate(self.attrs)
+        self.feature_codec: str = self.attributes.feature_codec
         features = group["dino_features"]
         self.num_videos: int = features.shape[0]
         self.chunk_videos: int = features.chunks[0]
@@ -136,7 +147,10 @@ class FeatureStore:
 
         `attrs`: what the caller knows (encoders, sampling, listing summary); the layout is added here. With
         `atomic`, a local store is built under a temporary name and renamed into place (storage.staging), so a
-        run killed while creating it leaves nothing half made behind; a write failure is a StoreWriteError.
+        run killed while creating it leaves nothing half made behind; a write failure is a StoreWriteError. An
+        object store has no rename: there `atomic` replaces a store whose creation was interrupted (a group
+        without `schema_version`), so two runs must not create the same URL at once (precompute creates the
+        store from one process before any worker starts).
         """
         config, shapes = config or StoreConfig(), shapes or FeatureShapes()
         n = len(video_ids)
@@ -148,9 +162,12 @@ class FeatureStore:
             "schema_version": SCHEMA_VERSION, "frames": shapes.frames, "tokens": shapes.tokens,
             "feature_dim": shapes.feature_dim, "latent_shape": list(shapes.latent_shape),
             "chunk_videos": config.chunk_videos, "compression": config.compression,
+            "feature_codec": config.feature_codec,
         })
         columns = (video_ids, captions, sources, durations)
         path = str(path)
+        if is_url(path) and atomic:
+            remove_interrupted(path)
         if not atomic or is_url(path):
             return cls._build(path, columns, record, config, shapes)
         final = Path(path)
@@ -171,11 +188,16 @@ class FeatureStore:
         video_ids, captions, sources, durations = columns
         n, k = len(video_ids), config.chunk_videos
         group = zarr.open_group(path, mode="w-")
-        compressors = None if config.compression == "none" else zarr.codecs.ZstdCodec(level=3)
-        for name, per_video in (("dino_features", (shapes.frames, shapes.tokens, shapes.feature_dim)),
-                                ("latents", (shapes.frames, *shapes.latent_shape))):
-            group.create_array(name, shape=(n, *per_video), chunks=(k, *per_video), dtype="float16",
-                               compressors=compressors, fill_value=0.0)
+        compressors = _compressors(config.compression)
+        for name, per_video, dtype in (
+                ("dino_features", (shapes.frames, shapes.tokens, shapes.feature_dim), STORED_DTYPE[config.feature_codec]),
+                ("latents", (shapes.frames, *shapes.latent_shape), "float16")):
+            group.create_array(name, shape=(n, *per_video), chunks=(k, *per_video), dtype=dtype,
+                               compressors=compressors, fill_value=0)
+        if config.feature_codec == "int8":
+            for name, fill in (("dino_scale", 1.0), ("dino_offset", 0.0)):
+                group.create_array(name, shape=(n, shapes.feature_dim), chunks=(k, shapes.feature_dim),
+                                   dtype="float32", fill_value=fill)
         group.create_array("status", shape=(n,), chunks=(k,), dtype="uint8", fill_value=PENDING)
         for name in ("duration_s", "frame_interval_s"):
             group.create_array(name, shape=(n,), chunks=(k,), dtype="float32", fill_value=float("nan"))
@@ -200,7 +222,10 @@ class FeatureStore:
         except (FileNotFoundError, ValueError, zarr.errors.GroupNotFoundError) as err:
             raise StoreError(f"{path} is not a Zarr group: {err}") from err
         version = group.attrs.get("schema_version")
-        missing = [name for name in ("dino_features", "latents", *ROW_ARRAYS) if name not in group]
+        needed = ["dino_features", "latents", *ROW_ARRAYS]
+        if group.attrs.get("feature_codec") == "int8":
+            needed += ["dino_scale", "dino_offset"]
+        missing = [name for name in needed if name not in group]
         if version is None and "dino_features" in group:
             raise StoreError(f"{path} is a feature store whose creation was interrupted (it has no schema_version); "
                              f"delete it and run again: every row of it was still pending")
@@ -217,10 +242,10 @@ class FeatureStore:
         path = str(path)
         if is_url(path):
             try:
-                zarr.open_group(path, mode="r")
-                return True
+                group = zarr.open_group(path, mode="r")
             except (FileNotFoundError, zarr.errors.GroupNotFoundError):
                 return False
+            return not creation_interrupted(group)  # such a store is made again by `create(atomic=True)`
         return (Path(path) / "zarr.json").exists()
 
     def check_compatible(self, expected: StoreExpectation) -> list[Mismatch]:
@@ -262,7 +287,7 @@ class FeatureStore:
         rows = self.chunk_rows(chunk)
         sl = slice(rows.start, rows.stop)
         return ChunkRows(
-            features=np.asarray(self.group["dino_features"][sl]),
+            features=self._features(sl),
             latents=np.asarray(self.group["latents"][sl]),
             status=np.asarray(self.group["status"][sl], dtype=np.uint8),
             error=[str(e) for e in self.group["error"][sl]],
@@ -270,8 +295,16 @@ class FeatureStore:
         )
 
     def read_features(self, row: int) -> np.ndarray:
-        """The stored DINO features of one row: (F, N, D) float16."""
-        return np.asarray(self.group["dino_features"][row])
+        """The stored DINO features of one row: (F, N, D) float16 (dequantised for the int8 codec)."""
+        return self._features(slice(row, row + 1))[0].astype(np.float16, copy=False)
+
+    def _features(self, rows: slice) -> np.ndarray:
+        """Features of a range of rows: float16 as stored, or float32 dequantised from int8 codes."""
+        stored = np.asarray(self.group["dino_features"][rows])
+        if self.feature_codec != "int8":
+            return stored
+        return dequantise_int8(stored, np.asarray(self.group["dino_scale"][rows]),
+                               np.asarray(self.group["dino_offset"][rows]))
 
     def write_chunk(self, chunk: int, rows: ChunkRows) -> None:
         """Write one whole chunk, each array in one call, and `status` last: the commit mark."""
@@ -284,9 +317,9 @@ class FeatureStore:
             raise ValueError(f"features per video must be {expected}, got {tuple(rows.features.shape[1:])}")
         sl = slice(span.start, span.stop)
         try:
-            for name in ("dino_features", "latents", *ROW_ARRAYS):
+            for name in self.group.array_keys():
                 remove_partial_files(self.group[name], chunk)
-            self.group["dino_features"][sl] = rows.features.astype(np.float16, copy=False)
+            self._write_features(sl, rows.features)
             self.group["latents"][sl] = rows.latents.astype(np.float16, copy=False)
             self.group["error"][sl] = np.asarray(rows.error, dtype=object)
             if rows.caption is not None:
@@ -297,6 +330,15 @@ class FeatureStore:
         except OSError as err:  # status is written last: nothing of this chunk is committed
             what = f"chunk {chunk} (rows {span.start}-{span.stop - 1}; they stay pending)"
             raise StoreWriteError(describe_write_error(self.path, what, err)) from err
+
+    def _write_features(self, rows: slice, features: np.ndarray) -> None:
+        if self.feature_codec != "int8":
+            self.group["dino_features"][rows] = features.astype(np.float16, copy=False)
+            return
+        codes, scale, offset = quantise_int8(features)
+        self.group["dino_features"][rows] = codes
+        self.group["dino_scale"][rows] = scale
+        self.group["dino_offset"][rows] = offset
 
     # ---- reporting --------------------------------------------------------------------------------
 
@@ -322,9 +364,9 @@ class FeatureStore:
                 for r in rows]
 
     def disk_bytes(self) -> int | None:
-        """Bytes the store takes on a local disk (None for remote stores)."""
+        """Bytes the store takes on its disk or object store (None when the store cannot say)."""
         if is_url(self.path):
-            return None
+            return remote_bytes(self.path)
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
 
     def frame_spacing(self) -> dict[str, Any]:
@@ -344,15 +386,18 @@ class FeatureStore:
         for failure in failures:
             by_reason[failure["error"]] = by_reason.get(failure["error"], 0) + 1
         disk = self.disk_bytes()
-        per_video = self.shapes.frames * 2 * (
-            self.shapes.tokens * self.shapes.feature_dim + int(np.prod(self.shapes.latent_shape))
-        )
+        feature_item = 1 if self.feature_codec == "int8" else 2
+        per_video = self.shapes.frames * (feature_item * self.shapes.tokens * self.shapes.feature_dim
+                                          + 2 * int(np.prod(self.shapes.latent_shape)))
+        if self.feature_codec == "int8":
+            per_video += 2 * 4 * self.shapes.feature_dim  # scale and offset
         attrs = {k: v for k, v in self.attrs.items() if k != "listing"}
         return {
             "path": self.path,
             **counts,
             "chunks": self.num_chunks,
             "chunk_videos": self.chunk_videos,
+            "feature_codec": self.feature_codec,
             "failures": failures,
             "failed_by_reason": by_reason,
             "listing": self.attributes.listing,
@@ -365,3 +410,46 @@ class FeatureStore:
             },
             "attributes": attrs,
         }
+
+
+def _compressors(compression: str) -> Any:
+    if compression == "zstd":
+        return zarr.codecs.ZstdCodec(level=3)
+    if compression == "blosc":  # float16's two bytes shuffled apart first: the exponent bytes compress
+        return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    return None
+
+
+def remote_bytes(url: str) -> int | None:
+    """Total size of the objects under a store's URL (one listing), or None when the store cannot be listed."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        return int(fs.du(root, total=True))
+    except (OSError, ValueError, NotImplementedError) as err:
+        log.info("could not measure the size of %s: %s", url, type(err).__name__)
+        return None
+
+
+def creation_interrupted(group: zarr.Group) -> bool:
+    """A group `create` began and did not finish: no schema_version, and empty or holding our feature array."""
+    return group.attrs.get("schema_version") is None and ("dino_features" in group or not list(group.keys()))
+
+
+def remove_interrupted(url: str) -> None:
+    """Remove a remote store whose creation was interrupted (arrays but no schema_version: every row was still
+    pending), so that it can be created again; refuse a URL that holds something else."""
+    try:
+        group = zarr.open_group(url, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return
+    if group.attrs.get("schema_version") is not None:
+        return  # a finished store: the caller opens it, or _build refuses to overwrite it
+    if not creation_interrupted(group):
+        raise StoreError(f"{url} holds a Zarr group that is not a feature store; choose another --store")
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    log.warning("removing %s: its creation was interrupted before any row was stored; creating it again", url)
+    fs.rm(root, recursive=True)

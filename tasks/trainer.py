@@ -21,6 +21,7 @@ from model.config import ModelConfig
 from model.foveated import EfficientFoveatedModel
 from model.llm import build_llm
 from storage.checkpoints import CheckpointError, CheckpointStore
+from storage.feature_codec import features_on_device
 from storage.loader import LoaderPosition
 from tasks.metrics import MetricWindow, MetricsSink, ratio_metrics
 from tasks.runtime import progress_bar, resolve_device
@@ -196,7 +197,7 @@ class Trainer:
         with progress_bar(total=int(budget.seconds), unit="s", desc=f"training from step {self.global_step}") as bar:
             while True:
                 batch = next(batch_iter)
-                features = batch["features"].to(self.device, non_blocking=True)  # (B, T, N, D) float16
+                features = features_on_device(batch, self.device)  # (B, T, N, D) float16
                 latents = batch["latents"].to(self.device, non_blocking=True)  # (B, T, C, S, S) float16
                 window.add(self.step(features, latents), features.shape[0])
                 self.position = self.position.advanced(batch)
@@ -228,7 +229,7 @@ class Trainer:
         samples = 0
         for batch in batches:
             # In the training's micro-batches: a batch that ran out of memory in training may not fit here either.
-            for features, latents in zip(batch["features"].tensor_split(self.micro_batches),
+            for features, latents in zip(features_on_device(batch, self.device).tensor_split(self.micro_batches),
                                          batch["latents"].tensor_split(self.micro_batches)):
                 if features.shape[0] == 0:
                     continue

@@ -18,8 +18,10 @@ column absent) raises ManifestError. What bad rows become:
 - a value that is no text (a JSON list or object), a NaN or infinite number: missing, so `no_id`, `no_caption`...;
 - a caption of only whitespace or control characters: `no_caption`; longer than `max_caption_chars` (a sign of
   a broken quote that glued rows together): `caption_too_long`;
-- a source with a scheme other than http(s):// or file:// (s3://, ftp://): `unsupported_source`; a local
-  path that is absent or not a regular file (a folder): `missing_file`;
+- a source is remote when its scheme is http(s):// or a protocol of fsspec whose package is installed (s3:// with
+  s3fs, gs:// with gcsfs, memory://, ...; `tasks.download.is_remote`), local for a path or file://; any other
+  scheme (nosuch://, gs:// without gcsfs) is `unsupported_source`, and the log says why, naming the package to
+  install; a local path that is absent or not a regular file (a folder): `missing_file`;
 - a negative, NaN, infinite or unparseable duration: probed from the file like a missing one (`no_duration`
   when probing is off or finds none); a remote file to probe that does not download: `download_failed`.
 

@@ -5,6 +5,7 @@ import os
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.download import DownloadError, download_folder, fetch, redact_url
+from tasks.download import DownloadError, download_folder, fetch, redact_url, unsupported_reason
 from tasks.listing.columns import as_text, to_mask, valid_utf8
 from tasks.listing.config import ListingConfig, ManifestError
 from tasks.listing.durations import parse_durations, probe_duration
@@ -41,7 +42,7 @@ DROP_REASONS = (
     DOWNLOAD_FAILED, NO_DURATION, TOO_SHORT, TOO_LONG, OVER_LIMIT,
 ) = range(len(DROP_REASONS))  # fmt: skip
 KEPT = -1  # reason code of a row that is (still) kept
-SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*://"
+SCHEME = r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://"
 
 
 @dataclass
@@ -104,6 +105,7 @@ class _Lister:
         self.seen = np.empty(0, dtype=np.uint64)  # sorted keys of every id met so far
         self.dropped = np.zeros(len(DROP_REASONS), dtype=np.int64)
         self.rows = self.kept = self.probed = 0
+        self.unsupported: Counter[str] = Counter()  # rows dropped as unsupported_source, by scheme
         self.kept_tables: list[pa.Table] = []
         self.read_stats = ReadStats(manifest)
 
@@ -149,10 +151,14 @@ class _Lister:
 
     def _sources(self, text: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray]:
         """Sources with local paths made absolute (relative to the manifest, file:// URIs unwrapped), and the
-        masks of remote (http, https) and unsupported (s3://, ftp://, ...) ones."""
+        masks of remote (http(s), installed fsspec protocols: s3://, ...) and unsupported (nosuch://) ones."""
         remote = to_mask(pc.match_substring_regex(text, r"^https?://", ignore_case=True))
-        schemed = to_mask(pc.match_substring_regex(text, SCHEME))
-        unsupported = schemed & ~remote & ~to_mask(pc.starts_with(text, "file:", ignore_case=True))
+        other = to_mask(pc.match_substring_regex(text, SCHEME)) & ~remote
+        other &= ~to_mask(pc.starts_with(text, "file:", ignore_case=True))
+        unsupported = np.zeros(len(text), dtype=bool)
+        if other.any():  # few rows in most manifests: the http(s) test above is the fast path
+            fetchable, unsupported = self._by_scheme(text, other)
+            remote |= fetchable
         local = np.flatnonzero(to_mask(pc.is_valid(text)) & ~remote & ~unsupported)
         if len(local) == 0:
             return text, remote, unsupported
@@ -161,6 +167,18 @@ class _Lister:
         is_local[local] = True
         text = pc.replace_with_mask(text.combine_chunks(), pa.array(is_local), pa.array(resolved, pa.string()))
         return pa.chunked_array([text]), remote, unsupported
+
+    def _by_scheme(self, text: pa.ChunkedArray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Masks of the `rows` (schemed, not http, not file) fsspec can download, and of those it cannot."""
+        at = np.flatnonzero(rows)
+        schemes = pc.utf8_lower(pc.struct_field(pc.extract_regex(pc.take(text, pa.array(at)), SCHEME), "scheme"))
+        bad = [s for s in pc.unique(schemes).to_pylist() if unsupported_reason(s) is not None]
+        is_bad = to_mask(pc.is_in(schemes, value_set=pa.array(bad, pa.string())))
+        counts = pc.value_counts(pc.filter(schemes, pa.array(is_bad))).to_pylist()
+        self.unsupported.update({count["values"]: count["counts"] for count in counts})
+        fetchable, unsupported = np.zeros_like(rows), np.zeros_like(rows)
+        fetchable[at], unsupported[at] = ~is_bad, is_bad
+        return fetchable, unsupported
 
     def _duplicates(self, ids: pa.ChunkedArray, candidates: np.ndarray) -> np.ndarray:
         """Rows among `candidates` whose id appeared before, in this chunk or an earlier one."""
@@ -218,10 +236,11 @@ class _Lister:
     def _probe(self, source: str, remote: bool) -> float | None:
         """Duration of one source; a remote one is downloaded first (DownloadError when that fails)."""
         self.probed += 1
-        if remote:
+        path = source
+        if remote:  # ffmpeg cannot open s3:// and the like: probe the cached copy, which decoding reuses
             timeout, attempts = self.config.probe_timeout_s, self.config.download_attempts
-            source = str(fetch(source, self.download_dir, timeout, attempts=attempts))
-        seconds = probe_duration(source, self.config.probe_timeout_s)
+            path = str(fetch(source, self.download_dir, timeout, attempts=attempts))
+        seconds = probe_duration(path, self.config.probe_timeout_s)
         if seconds is None:
             logger.info("no duration found in %s", redact_url(source) if remote else source)
         return seconds
@@ -244,6 +263,8 @@ class _Lister:
                 | {"duration_s": pa.array([], pa.float64())}
             )
         self.dropped[MALFORMED_ROW] = self.read_stats.malformed  # skipped by the reader, never seen by add()
+        for scheme, count in sorted(self.unsupported.items()):
+            logger.warning("%d rows dropped as unsupported_source: %s", count, unsupported_reason(scheme))
         summary = {
             "manifest": str(self.manifest),
             "rows": self.rows + self.read_stats.malformed,
@@ -270,8 +291,8 @@ def list_videos(manifest: str | os.PathLike, config: ListingConfig | None = None
     """List the usable videos of a manifest file or folder; see `tasks.listing`'s docstring for the rules.
 
     Raises ManifestError for a manifest that cannot be used. Bad rows never raise: each is counted under its
-    drop reason. A remote file that must be probed and does not download (HTTP 404, 500 or a timeout on each
-    of `download_attempts` tries) drops its row as download_failed.
+    drop reason. A remote file that must be probed and does not download (HTTP 404, a missing S3 key, an HTTP
+    500 or a timeout on each of `download_attempts` tries) drops its row as download_failed.
     """
     config = config or ListingConfig()
     path = Path(manifest).expanduser().absolute()

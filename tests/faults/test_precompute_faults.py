@@ -11,7 +11,9 @@ encode_chunks). So that 20 kills fit in about a minute, they are forked from a w
 torch, prefect and diffusers once (`serve`): each run is its own process group, killed whole. The reference,
 the final rerun and the concurrent writers are fresh processes; the write-failure tests run the CLI (`fvlm
 precompute`, the flow on the session's Prefect server), and `fvlm store info --json` is read between kills
-as a user would. The existing tests/flows/test_precompute_flow.py kills the CLI itself.
+as a user would. The existing tests/flows/test_precompute_flow.py kills the CLI itself. The object-store cases
+put the store at s3://BUCKET/store.zarr on moto's S3 server (tests/s3_server.py) and hold the run at an exact
+moment (FAULT_TEST_HOLD) before killing it, so each kill lands where it is aimed.
 
 This module is also the subprocess: `python -m tests.faults.test_precompute_faults MANIFEST STORE [CHUNK ...]`
 runs one precompute (see `main`), `... --serve` the fork server.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -37,6 +40,7 @@ import numpy as np
 import pytest
 
 from storage.store import FAILED, OK, PENDING, ChunkRows, FeatureStore
+from storage.zarr_files import is_url
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHUNK_VIDEOS = 2
@@ -47,6 +51,15 @@ RTOL = ATOL = 2e-3
 
 
 # ---- the subprocess ------------------------------------------------------------------------------------
+
+
+def _hold_if_asked(moment: str) -> None:
+    """Stop here for good when FAULT_TEST_HOLD names this moment ('written ARRAY@ROW': after the write of that
+    array starting at that row; 'before attrs': before the group's attributes), so a kill lands exactly on it."""
+    if os.environ.get("FAULT_TEST_HOLD") == moment:
+        print("phase held", flush=True)
+        while True:
+            time.sleep(3600)
 
 
 def _instrument() -> None:
@@ -68,6 +81,7 @@ def _instrument() -> None:
         set_item(self, key, value)
         if in_chunks:
             say("decode-encode" if name == "status" else "between-writes")
+        _hold_if_asked(f"written {name}@{getattr(key, 'start', None)}")
 
     def traced_create_array(self, name, **kwargs):
         say("create-arrays")
@@ -75,6 +89,7 @@ def _instrument() -> None:
 
     def traced_attrs_update(self, *args, **kwargs):
         say("create-attrs")
+        _hold_if_asked("before attrs")
         return attrs_update(self, *args, **kwargs)
 
     zarr.Array.__setitem__ = traced_set_item
@@ -85,6 +100,9 @@ def _instrument() -> None:
 def main(argv: list[str]) -> int:
     """Listing -> prepare_store -> encode_chunks, as the flow's tasks do, printing its phases."""
     print("phase start", flush=True)
+    level = os.environ.get("FAULT_TEST_LOG_LEVEL")  # e.g. INFO: every library's log lines (the secrets check)
+    if level:
+        logging.basicConfig(level=level)
     _instrument()
     from storage import store as store_module
     from tasks.listing import list_videos
@@ -115,7 +133,8 @@ def main(argv: list[str]) -> int:
 
 
 def serve() -> int:
-    """Fork one precompute run per line of stdin ('MANIFEST<TAB>STORE<TAB>PHASE_LOG') from a warm process.
+    """Fork one precompute run per line of stdin ('MANIFEST<TAB>STORE<TAB>PHASE_LOG[<TAB>HOLD]') from a warm
+    process (HOLD: the run's FAULT_TEST_HOLD, see `_hold_if_asked`).
 
     A fresh Python needs ~8 s (torch, prefect, diffusers imports) before it touches the store; forking a
     process that imported them once lets the 20 kills land in the phases that write. Each child is a process
@@ -130,13 +149,15 @@ def serve() -> int:
     describe_encoders(EncoderConfig(preset="demo"))  # imports diffusers and transformers' configs
     print("ready", flush=True)
     for line in sys.stdin:
-        manifest, store, phase_log = line.rstrip("\n").split("\t")
+        manifest, store, phase_log, *hold = line.rstrip("\n").split("\t")
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 os.setsid()
+                if hold:
+                    os.environ["FAULT_TEST_HOLD"] = hold[0]
                 out = os.open(phase_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
                 err = os.open(phase_log + ".stderr", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
                 os.dup2(out, 1)
@@ -240,7 +261,7 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"\d+", "N", reason.split(":", 1)[0])
 
 
-def check_committed_rows(store_path: Path, reference_path: Path) -> dict[str, int]:
+def check_committed_rows(store_path: Path | str, reference_path: Path) -> dict[str, int]:
     """Every row the store calls ok or failed must be exactly what the uninterrupted run committed."""
     store, ref = FeatureStore.open(store_path), FeatureStore.open(reference_path)
     assert list(store.read_column("video_id")) == list(ref.read_column("video_id"))
@@ -260,7 +281,7 @@ def check_committed_rows(store_path: Path, reference_path: Path) -> dict[str, in
     return store.counts()
 
 
-def assert_same_store(store_path: Path, reference_path: Path) -> None:
+def assert_same_store(store_path: Path | str, reference_path: Path) -> None:
     """Same rows (none lost or duplicated), same status and reasons, same features, same attributes."""
     store, ref = FeatureStore.open(store_path), FeatureStore.open(reference_path)
     ids = list(store.read_column("video_id"))
@@ -277,12 +298,25 @@ def assert_same_store(store_path: Path, reference_path: Path) -> None:
     assert store.attrs["schema_version"] and store.attrs["chunk_videos"] == CHUNK_VIDEOS
 
 
-def leftovers(store: Path) -> list[Path]:
-    """Temporary files and half-built stores a killed run may leave next to or inside the store."""
+def leftovers(store: Path | str) -> list[Path | str]:
+    """Temporary files and half-built stores a killed run may leave next to or inside the store (at a URL: the
+    objects of such names next to or under it)."""
+    if is_url(str(store)):
+        parent, name = str(store).rstrip("/").rsplit("/", 1)
+        return [key for key in store_objects(parent)
+                if key.startswith(f".{name}.creating-") or (key.startswith(f"{name}/") and key.endswith(".partial"))]
     found = list(store.parent.glob(f".{store.name}.creating-*"))
     if store.exists():
         found += [p for p in store.rglob("*.partial")]
     return found
+
+
+def store_objects(url: str) -> list[str]:
+    """The keys of every object under a URL, relative to it, listed now (no cached listing of this process)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True)
+    return sorted(key[len(root):].lstrip("/") for key in fs.find(root))
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -302,10 +336,11 @@ class ForkServer:
         assert self.proc.stdout.readline().strip() == "ready", "the fork server did not start"
         self.runs = 0
 
-    def start(self, manifest: Path, store: Path) -> "Run":
+    def start(self, manifest: Path, store: Path | str, hold: str | None = None) -> "Run":
+        """Fork a run; with `hold`, it stops for good at that moment (`_hold_if_asked`) and prints 'phase held'."""
         self.runs += 1
         log = self.folder / f"run-{self.runs:03d}.phases"
-        self.proc.stdin.write(f"{manifest}\t{store}\t{log}\n")
+        self.proc.stdin.write(f"{manifest}\t{store}\t{log}" + (f"\t{hold}" if hold else "") + "\n")
         self.proc.stdin.flush()
         word, pid = self.proc.stdout.readline().split()
         assert word == "pid"
@@ -713,6 +748,127 @@ def test_read_only_store_ends_with_a_clear_error_and_leaves_the_store_as_it_was(
             path.chmod(mode)
     expected = "Read-only file system" if prefix else "Permission denied"
     assert_write_failure_left_store_as_it_was(done, store, before, counts, expected, "check that this user may write")
+
+
+# ---- on an object store: s3://bucket/store.zarr on moto's S3 server (tests/s3_server.py) ------------------
+
+
+def s3_run_env(tmp_path: Path, s3_server) -> dict[str, str]:
+    """The runs' environment: the AWS variables `s3_env` set (subprocess_env copies them), every log line on."""
+    env = dict(subprocess_env(tmp_path), FAULT_TEST_LOG_LEVEL="INFO")
+    assert env["AWS_ENDPOINT_URL"] == s3_server.endpoint and env["AWS_SECRET_ACCESS_KEY"]
+    return env
+
+
+def fresh_s3_view() -> None:
+    """Forget the listings this process's s3fs clients cached: the next read sees what the runs wrote."""
+    import s3fs
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        fs.invalidate_cache()
+
+
+def kill_unfinished(runs: list["Run"]) -> None:
+    """SIGKILL runs a failed test left behind (a held run would keep the fork server waiting for ever)."""
+    for run in runs:
+        if run.returncode is None and "done" not in run.phases():
+            try:
+                os.killpg(run.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def assert_no_secret_in_logs(runs: list["Run"]) -> None:
+    """The secret key is in no run's output, though each read it and logged at INFO (botocore says so)."""
+    from tests.s3_server import TEST_SECRET_KEY
+
+    for run in runs:
+        text = "".join(path.read_text() for path in (run.log, Path(f"{run.log}.stderr")) if path.exists())
+        assert "Found credentials in environment variables" in text, f"run {run.pid} logged no S3 client line"
+        assert TEST_SECRET_KEY not in text, f"the S3 secret key is in the output of run {run.pid} ({run.log})"
+
+
+def rerun_to_the_end(server: ForkServer, runs: list[Run], manifest: Path, store: str) -> None:
+    runs.append(server.start(manifest, store))
+    assert runs[-1].wait_for("done", timeout=180)
+    assert runs[-1].wait() == 0
+
+
+def assert_completed_on_s3(store: str, reference, runs: list[Run]) -> None:
+    """The rerun's store equals the reference, nothing is left over and no run printed the secret key."""
+    fresh_s3_view()
+    assert_same_store(store, reference[0])
+    assert leftovers(store) == []
+    assert_no_secret_in_logs(runs)
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_chunk_write_on_s3_counts_no_half_written_row_and_the_rerun_completes_it(
+        workspace, reference, tmp_path, s3_server, s3_env):
+    """SIGKILL after the dino_features object of the store's second chunk was put, before its latents and status:
+    the first chunk's rows are ok and equal to the reference, the second chunk's rows (features there, latents
+    not) are pending, and a rerun completes the store as the uninterrupted local run did."""
+    folder, manifest = workspace
+    store = f"{s3_env}/store.zarr"
+    server = ForkServer(s3_run_env(tmp_path, s3_server), tmp_path)
+    runs: list[Run] = []
+    try:
+        runs.append(server.start(manifest, store, hold=f"written dino_features@{CHUNK_VIDEOS}"))
+        assert runs[0].wait_for("held", timeout=90), "the run ended before it wrote the second chunk's features"
+        runs[0].kill()
+        assert_no_secret_in_logs(runs)
+        fresh_s3_view()
+        after_kill = store_objects(store)
+        assert "dino_features/c/1/0/0/0" in after_kill, "the kill was meant to land after the features were put"
+        assert "latents/c/1/0/0/0/0" not in after_kill and "status/c/1" not in after_kill
+        assert "status/c/0" in after_kill and "zarr.json" in after_kill
+        counts = check_committed_rows(store, reference[0])  # the committed rows equal the reference's
+        assert counts["ok"] + counts["failed"] == CHUNK_VIDEOS, counts  # the first chunk, and only it
+        killed = FeatureStore.open(store)
+        half = range(CHUNK_VIDEOS, 2 * CHUNK_VIDEOS)
+        assert (killed.read_status()[half.start:half.stop] == PENDING).all()
+        # the second chunk is really half written: its features are there, its latents are not
+        assert np.abs(np.asarray(killed.group["dino_features"][half.start], np.float32)).max() > 0
+        assert not np.asarray(killed.group["latents"][half.start:half.stop]).any()
+
+        rerun_to_the_end(server, runs, manifest, store)
+    finally:
+        kill_unfinished(runs)
+        server.close()
+    assert_completed_on_s3(store, reference, runs)
+    print(f"\nafter the kill, under {store}: {after_kill}")
+
+
+@pytest.mark.slow
+def test_a_kill_while_the_store_is_created_on_s3_is_recreated_by_the_rerun(workspace, reference, tmp_path,
+                                                                           s3_server, s3_env):
+    """SIGKILL while the store is created at its URL, with every array and row column written but not the group's
+    attributes (an object store has no rename to build it under another name): the rerun removes it, creates it
+    again and completes it."""
+    from storage.store import StoreError
+
+    folder, manifest = workspace
+    store = f"{s3_env}/store.zarr"
+    server = ForkServer(s3_run_env(tmp_path, s3_server), tmp_path)
+    runs: list[Run] = []
+    try:
+        runs.append(server.start(manifest, store, hold="before attrs"))
+        assert runs[0].wait_for("held", timeout=90), "the run ended before it wrote the store's attributes"
+        runs[0].kill()
+        assert_no_secret_in_logs(runs)
+        fresh_s3_view()
+        after_kill = store_objects(store)
+        assert "zarr.json" in after_kill and "video_id/c/0" in after_kill and "dino_features/zarr.json" in after_kill
+        assert not [key for key in after_kill if key.startswith(("dino_features/c/", "latents/c/", "status/c/"))]
+        with pytest.raises(StoreError, match="creation was interrupted"):
+            FeatureStore.open(store)
+        print(f"\nafter the kill, under {store}: {after_kill}")
+
+        rerun_to_the_end(server, runs, manifest, store)
+    finally:
+        kill_unfinished(runs)
+        server.close()
+    assert_completed_on_s3(store, reference, runs)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from storage.checkpoints import CheckpointError, CheckpointStore
 from storage.store import FeatureStore
 from tasks.training import WandbConfig, train_chunk
+from tests.s3_server import TEST_SECRET_KEY
 from tests.storage.test_import_pt import write_seed_folder
 from tests.tasks.test_training import make_tiny_store, tiny_config
 
@@ -88,22 +89,24 @@ def test_import_pt_records_a_malicious_file_as_failed_without_running_it(tmp_pat
 
 
 @pytest.mark.slow
-def test_no_secret_in_logs_artifacts_or_the_run_folder(tmp_path, monkeypatch, capfd, caplog, prefect_harness):
-    """With a wandb key and a Prefect API key in the environment, a training chain (a Prefect flow, wandb
-    offline) writes neither anywhere: not in its logs (captured and on the server), artifacts, checkpoints,
-    history, wandb files or pictures."""
+def test_no_secret_in_logs_artifacts_or_the_run_folder(tmp_path, monkeypatch, capfd, caplog, prefect_harness,
+                                                       s3_env):
+    """With a wandb key, a Prefect API key and an S3 secret key in the environment, a training chain (a Prefect
+    flow, wandb offline) reading its store from s3:// writes none of them anywhere: not in its logs (captured and
+    on the server), artifacts, checkpoints, history, wandb files or pictures."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 
     from flows.train import train_flow
     from tasks.convergence import ConvergenceConfig
 
-    secrets = {"WANDB_API_KEY": "wandb-secret-" + "9f3c" * 8, "PREFECT_API_KEY": "pnu_secret" + "71ab" * 8}
+    secrets = {"WANDB_API_KEY": "wandb-secret-" + "9f3c" * 8, "PREFECT_API_KEY": "pnu_secret" + "71ab" * 8,
+               "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY}  # s3_env set it: the store below is on the S3 server
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     for name in ("prefect.flow_runs", "prefect.task_runs"):  # the test session keeps them at WARNING
         monkeypatch.setattr(logging.getLogger(name), "level", logging.INFO)
-    store = make_tiny_store(tmp_path / "s.zarr", videos=16)
+    store = make_tiny_store(f"{s3_env}/s.zarr", videos=16)
     config = tiny_config(max_steps_per_chunk=4, wandb=WandbConfig(mode="offline"))
     with caplog.at_level(logging.DEBUG):
         state = train_flow(store=store, run_dir=str(tmp_path / "run"), preset="demo", train=config,

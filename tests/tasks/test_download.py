@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import fsspec
 import pytest
 
 from tasks.download import (
@@ -16,6 +17,7 @@ from tasks.download import (
     fetch,
     is_remote,
     redact_url,
+    unsupported_reason,
 )
 
 BODY = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64  # 16 KiB of bytes that look like an mp4
@@ -164,10 +166,57 @@ def test_secrets_stay_out_of_errors_and_logs(server, tmp_path, caplog):
 
 
 def test_unsupported_schemes_are_permanent(tmp_path):
-    with pytest.raises(PermanentDownloadError, match="only http"):
-        fetch("ftp://example.org/a.mp4", tmp_path)
+    with pytest.raises(PermanentDownloadError, match="nosuchproto:// is not a protocol fsspec"):
+        fetch("nosuchproto://example.org/a.mp4", tmp_path)
+    with pytest.raises(PermanentDownloadError, match="zip:// is not a protocol fsspec"):
+        fetch("zip://a.mp4", tmp_path)  # a wrapper of another file system names no file by itself
+    with pytest.raises(PermanentDownloadError, match="file:// names a local file"):
+        fetch("file:///data/a.mp4", tmp_path)
     assert is_remote("HTTPS://example.org/a.mp4") and is_remote("http://x/y")
     assert not is_remote("/data/a.mp4") and not is_remote("file:///data/a.mp4")
+    # Any protocol whose fsspec implementation imports here is remote: s3fs is a dependency, ftp is in fsspec.
+    assert is_remote("s3://bucket/a.mp4") and is_remote("S3://bucket/a.mp4") and is_remote("memory://a.mp4")
+    assert is_remote("ftp://host/a.mp4")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_protocol_whose_package_is_missing_names_the_package(tmp_path):
+    scheme = next((s for s in ("gs", "az", "oci", "webdav") if "not installed" in (unsupported_reason(s) or "")), None)
+    if scheme is None:
+        pytest.skip("every candidate fsspec back end is installed here")
+    assert not is_remote(f"{scheme}://bucket/a.mp4")
+    with pytest.raises(PermanentDownloadError, match=rf"{scheme}:// needs a package that is not installed: .*install"):
+        fetch(f"{scheme}://bucket/a.mp4", tmp_path)
+
+
+@pytest.fixture
+def memory_files():
+    """fsspec's in-process memory file system, emptied afterwards."""
+    fs = fsspec.filesystem("memory")
+    yield fs
+    if fs.exists("/fvlm-test"):
+        fs.rm("/fvlm-test", recursive=True)
+
+
+def test_fsspec_sources_are_fetched_into_the_cache(memory_files, tmp_path):
+    memory_files.pipe("/fvlm-test/clips/a.MP4", BODY)
+    path = fetch("memory://fvlm-test/clips/a.MP4", tmp_path)
+    assert path.parent == tmp_path and path.name == cached_name("memory://fvlm-test/clips/a.MP4")
+    assert path.suffix == ".mp4" and path.read_bytes() == BODY
+    memory_files.rm("/fvlm-test/clips/a.MP4")
+    assert fetch("memory://fvlm-test/clips/a.MP4", tmp_path) == path  # cached: the source is not read again
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no .part file left behind
+
+
+def test_a_missing_fsspec_object_is_permanent_and_not_retried(memory_files, tmp_path, caplog):
+    memory_files.mkdir("/fvlm-test")
+    with caplog.at_level(logging.WARNING, logger="tasks.download"):
+        with pytest.raises(PermanentDownloadError, match=r"download of memory://fvlm-test/gone\.mp4 failed: not found"):
+            fetch("memory://fvlm-test/gone.mp4", tmp_path, attempts=3, backoff_s=0.01)
+        with pytest.raises(PermanentDownloadError, match="failed: IsADirectoryError"):
+            fetch("memory://fvlm-test", tmp_path, attempts=3, backoff_s=0.01)
+    assert "retry" not in caplog.text
+    assert not any(tmp_path.iterdir())
 
 
 def test_cached_names_and_redaction():

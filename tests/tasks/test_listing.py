@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 import shutil
 import subprocess
 import threading
@@ -9,12 +10,15 @@ import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import fsspec
 import imageio_ffmpeg
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 from pydantic import ValidationError
+
+from tasks.download import unsupported_reason
 
 from tasks.listing import (
     DROP_REASONS,
@@ -318,6 +322,42 @@ def test_a_remote_source_without_duration_is_downloaded_and_probed(tmp_path, cli
     assert listing.summary["dropped"] == _dropped(download_failed=1)
     assert listing.summary["probed"] == 2
     assert [p.suffix for p in downloads.iterdir()] == [".mp4"]  # only the probed file, cached for decoding
+
+
+def _uninstalled_protocol() -> str | None:
+    """A protocol fsspec knows whose package is not installed here (gs:// without gcsfs, ...), if any."""
+    candidates = ("gs", "az", "oci", "webdav")
+    return next((s for s in candidates if "not installed" in (unsupported_reason(s) or "")), None)
+
+
+def test_sources_are_remote_local_or_unsupported_by_their_scheme(tmp_path, clips, caplog):
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/fvlm-listing/clip.mp4", clips["21s"].read_bytes())
+    uninstalled = _uninstalled_protocol()
+    rows = [
+        {"path": "memory://fvlm-listing/clip.mp4", "caption": "fsspec source, downloaded and probed"},
+        {"path": "S3://bucket/given.mp4", "caption": "s3 with a duration: kept, never downloaded", "duration": 30},
+        {"path": "ftp://host/other.mp4", "caption": "ftp: fsspec's own implementation", "duration": 30},
+        {"path": "nosuchproto://host/a.mp4", "caption": "unknown protocol", "duration": 30},
+        {"path": "zip://inner.mp4", "caption": "a wrapper names no file", "duration": 30},
+    ]
+    if uninstalled:
+        rows.append({"path": f"{uninstalled}://bucket/b.mp4", "caption": "package missing", "duration": 30})
+    downloads = tmp_path / "downloads"
+    try:
+        with caplog.at_level(logging.WARNING, logger="tasks.listing.filters"):
+            listing = list_videos(_csv(tmp_path / "m.csv", rows), ListingConfig(download_dir=str(downloads)))
+    finally:
+        memory.rm("/fvlm-listing", recursive=True)
+    assert listing.videos["source"].tolist() == [r["path"] for r in rows[:3]]
+    assert listing.videos["video_id"].tolist() == ["clip", "given", "other"]
+    assert listing.videos["duration_s"].iloc[0] == pytest.approx(21.0, abs=0.1)
+    assert listing.summary["dropped"] == _dropped(unsupported_source=len(rows) - 3)
+    assert listing.summary["probed"] == 1 and len(list(downloads.iterdir())) == 1
+    assert "1 rows dropped as unsupported_source: nosuchproto:// is not a protocol fsspec" in caplog.text
+    assert "zip:// is not a protocol fsspec" in caplog.text
+    if uninstalled:
+        assert f"{uninstalled}:// needs a package that is not installed" in caplog.text
 
 
 def test_parse_durations():

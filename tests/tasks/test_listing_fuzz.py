@@ -88,7 +88,9 @@ def rows(draw, index: int = 0) -> Row:
     elif flaw == "no_source":
         row.path = draw(st.sampled_from(["", "   "]))
     elif flaw == "unsupported":
-        row.path = draw(st.sampled_from(["s3://bucket/a.mp4", "ftp://host/a.mp4", "gs://b/c.mp4", "HDFS://x/y"]))
+        # (s3://, ftp://... are remote: fsspec opens them; these name no protocol it can use on its own)
+        row.path = draw(st.sampled_from(["nosuchproto://bucket/a.mp4", "zip://a.mp4", "NoSuch+Proto://x/y",
+                                         "simplecache://b/c.mp4"]))
     elif flaw == "no_id":
         row.video_id = draw(st.sampled_from(["", "  ", "\u200b"]))
     elif flaw == "blank_caption":
