@@ -34,7 +34,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
 from pydantic import BaseModel, Field, model_validator
@@ -153,6 +153,11 @@ def setup_prefect(config: InfraConfig) -> dict[str, Any]:
     except httpx.ConnectError as err:
         raise PrefectSetupError(f"cannot reach the Prefect API at {api_url} ({err}): start the server or fix "
                                 f"PREFECT_API_URL") from None
+    except PrefectHTTPStatusError as err:
+        if err.response.status_code != 401:
+            raise
+        raise PrefectSetupError(f"the Prefect API at {api_url} refused the request (401 Unauthorized): set "
+                                "PREFECT_API_AUTH_STRING to the server's PREFECT_SERVER_API_AUTH_STRING") from None
     return {
         "api_url": api_url, "pool": config.pool, "pool_created": pool_created,
         "queues": [gpu_queue(i) for i in range(config.gpus)], "queues_created": queues_created,

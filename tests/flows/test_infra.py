@@ -184,6 +184,20 @@ def test_compose_runs_one_worker_per_gpu_queue_on_postgres():
     assert services["postgres"]["image"].startswith("postgres:")
 
 
+def test_compose_has_no_default_secret_and_binds_to_loopback():
+    text = (REPO_ROOT / "docker" / "compose.yaml").read_text()
+    uses = re.findall(r"\$\{(POSTGRES_PASSWORD|PREFECT_API_AUTH_STRING)([^}]*)\}", text)
+    assert {name for name, _ in uses} == {"POSTGRES_PASSWORD", "PREFECT_API_AUTH_STRING"}
+    assert all(rest.startswith(":?") for _, rest in uses), uses  # compose refuses to start without them
+    services = yaml.safe_load(text)["services"]
+    assert "PREFECT_SERVER_API_AUTH_STRING" in services["prefect-server"]["environment"]
+    for name in [n for n in services if n.startswith("worker-gpu")] + ["setup"]:
+        environment = services[name]["environment"]
+        assert "PREFECT_API_AUTH_STRING" in environment, name
+    (port,) = services["prefect-server"]["ports"]
+    assert port.startswith("${FVLM_SERVER_PUBLISH:-127.0.0.1:4200}")
+
+
 def test_worker_image_sets_the_project_folder_and_heartbeats():
     dockerfile = (REPO_ROOT / "docker" / "Dockerfile").read_text()
     assert re.search(r"FVLM_PROJECT_DIR=/opt/fvlm\b", dockerfile) and "WORKDIR /opt/fvlm" in dockerfile
