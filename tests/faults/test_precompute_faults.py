@@ -547,14 +547,16 @@ def test_a_store_killed_while_created_in_place_is_named_as_such(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workers_on_disjoint_chunks_at_once_lose_nothing(workspace, reference, tmp_path):
-    """Two processes fill disjoint chunk lists of one store at the same time; the store equals the reference."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_workers_on_disjoint_chunks_at_once_lose_nothing(workspace, reference, tmp_path, request, where):
+    """Two processes fill disjoint chunk lists of one store (a folder, or s3:// on the test S3 server) at the same
+    time; the store equals the reference."""
     from tasks.listing import list_videos
     from tasks.precompute import encode_chunks, prepare_store
 
     folder, manifest = workspace
-    env = subprocess_env(tmp_path)
-    store = tmp_path / "shared.zarr"
+    store = tmp_path / "shared.zarr" if where == "local" else f"{request.getfixturevalue('s3_env')}/shared.zarr"
+    env = subprocess_env(tmp_path)  # (after s3_env: it copies the AWS variables)
     chunks = prepare_store(str(store), list_videos(manifest), precompute_config()).pending_chunks()
     assert len(chunks) >= 4
     # interleaved, so that the two writers' chunks are neighbours all along the store
@@ -568,6 +570,8 @@ def test_two_workers_on_disjoint_chunks_at_once_lose_nothing(workspace, referenc
         assert proc.returncode == 0, err[-3000:]
     spans = [tuple(float(x) for x in out.split("phase done ")[1].split()[:2]) for out, _ in outputs]
     assert max(s[0] for s in spans) < min(s[1] for s in spans), f"the writers did not overlap: {spans}"
+    if where == "s3":
+        fresh_s3_view()
     assert_same_store(store, reference[0])
 
     # the unit of work is a whole chunk: an index the store does not have is refused, not silently skipped
