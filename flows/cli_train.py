@@ -30,6 +30,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, help="start the first chunk from this checkpoint file")
     config_flag(p, "--device", train, "device")
     config_flag(p, "--batch-size", train, "loader.batch_size")
+    config_flag(p, "--nproc", train, "nproc", help="processes that train each chunk together on this host: one per "
+                                                   "visible GPU (DDP), or gloo on a CPU; --batch-size must be a "
+                                                   "multiple of it")
     config_flag(p, "--total-steps", train, "total_steps")
     config_flag(p, "--wandb", train, "wandb.mode")
     add_config_options(p, train)

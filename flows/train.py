@@ -59,6 +59,7 @@ def train_flow(
     max_chunks: Annotated[int | None, Field(ge=1)] = None,
     batch_size: Annotated[int | None, Field(ge=1)] = None,
     lr: Annotated[float | None, Field(gt=0)] = None,
+    nproc: Annotated[int | None, Field(ge=1)] = None,
     resume: str | None = None,
     train: TrainOverrides = None,
     convergence: ConvergenceConfig | None = None,
@@ -73,17 +74,17 @@ def train_flow(
         max_chunks: stop once the run folder has this many chunks, earlier runs included (default: the preset's)
         batch_size: samples per optimizer step (default: the preset's: 64 for full, 8 for demo)
         lr: peak learning rate of AdamW (default: the preset's: 1e-4 for full, 1e-3 for demo)
+        nproc: processes per chunk on the worker's host, one per visible GPU (DDP); divides batch_size (default 1)
         resume: start the first chunk from this checkpoint file instead of the folder's latest
         train: advanced: TrainConfig fields over the preset's, e.g. {"loader": {"num_workers": 2}}; the knobs
             above win; a preset in it must be the run's, an unknown name is refused
         convergence: when the chain stops (default: the preset's); max_chunks overrides its chunk budget
     """
-    logger = get_run_logger()
     config, rule = resolve_configs(preset, train, convergence, max_chunks, batch_size=batch_size, lr=lr,
-                                   max_minutes=max_minutes)
+                                   max_minutes=max_minutes, nproc=nproc)
     decision = decide_task(run_dir, rule)
     if decision["done"]:  # e.g. the nightly schedule after convergence: record it and do nothing
-        logger.info("run %s is already done (%s): nothing to train", run_dir, decision["reason"])
+        get_run_logger().info("run %s is already done (%s): nothing to train", run_dir, decision["reason"])
         report_chunks_task(run_dir, decision, config, rule)
         return {**decision, "already_done": True}
     while True:
@@ -93,8 +94,7 @@ def train_flow(
             return stop_cancelled_chain(run_dir, rule, result)
         draw_pictures(store, run_dir, config)
         decision = decide_task(run_dir, rule)
-        # One report per flow run: progress in place after each chunk, the keyed markdown after the run's last.
-        report_chunks_task(run_dir, decision, config, rule,
+        report_chunks_task(run_dir, decision, config, rule,  # progress after each chunk, the markdown after the last
                            final=decision["done"] or runtime.deployment.id is not None)
         if decision["done"]:
             return {**decision, "last_chunk": result}

@@ -401,11 +401,20 @@ class TrainBatches(IterableDataset):
     Holds only plain data, so that workers can be started by fork or spawn; each worker opens the store itself.
     Its ring of batch buffers is sized for a DataLoader with config.prefetch_factor: build it with
     make_train_loader.
+
+    `part` = (p, P): of every global batch, only the p-th of P equal contiguous slices of its (sorted) rows, for
+    a training process that is one of P (tasks/distributed.py). The global order, and with it "epoch" and
+    "batch" of each batch, do not depend on P.
     """
 
     def __init__(self, store_path: str | os.PathLike, train_rows: np.ndarray, config: LoaderConfig,
-                 position: LoaderPosition, chunk_videos: int):
+                 position: LoaderPosition, chunk_videos: int, part: tuple[int, int] = (0, 1)):
         self.store_path = str(store_path)
+        index, parts = part
+        if not 0 <= index < parts or config.batch_size % parts:
+            raise LoaderError(f"cannot cut batches of {config.batch_size} into {parts} equal parts (part {index}): "
+                              f"set loader.batch_size to a multiple of the number of training processes")
+        self.part = (index, parts)
         self.train_rows = np.unique(np.asarray(train_rows, dtype=np.int64))
         self.config = config
         self.chunk_videos = chunk_videos
@@ -426,7 +435,9 @@ class TrainBatches(IterableDataset):
         # queue: prefetch_factor + 2 slots never overwrite a batch in use. Without workers, the loop holds one.
         slots = self.config.prefetch_factor + 2 if info is not None else 2
         reader = BatchReader(self.store_path, self.config.frames)
-        ring = BatchRing(slots, self.config.batch_size, reader.feature_shape, reader.latent_shape,
+        size = self.config.batch_size // self.part[1]
+        first = self.part[0] * size
+        ring = BatchRing(slots, size, reader.feature_shape, reader.latent_shape,
                          shared=info is not None, feature_dtype=torch_dtype(reader.feature_dtype))
         order_epoch, order = -1, np.empty((0, 0), dtype=np.int64)
         index = self.start + worker
@@ -434,7 +445,7 @@ class TrainBatches(IterableDataset):
             epoch, batch = divmod(index, self.batches_per_epoch)
             if epoch != order_epoch:
                 order_epoch, order = epoch, epoch_order(self.train_rows, self.chunk_videos, self.config, epoch)
-            rows = order[batch]
+            rows = order[batch, first:first + size]
             features, latents = ring.next()
             extra = reader.read(rows, features.numpy(), latents.numpy())
             yield {"features": features, "latents": latents, "rows": torch.from_numpy(rows.copy()),
@@ -465,13 +476,14 @@ def _check_rows(store: FeatureStore, rows: np.ndarray, what: str) -> None:
 
 
 def make_train_loader(store_path: str | os.PathLike, train_rows: np.ndarray, config: LoaderConfig,
-                      position: LoaderPosition, pin_memory: bool) -> DataLoader:
-    """A DataLoader of endless training batches from `position` (see TrainBatches); batch_size=None because
-    the dataset yields whole batches. A batch is valid until the next one is taken (ring buffers)."""
+                      position: LoaderPosition, pin_memory: bool, part: tuple[int, int] = (0, 1)) -> DataLoader:
+    """A DataLoader of endless training batches from `position` (see TrainBatches; `part`: this process's slice
+    of each batch); batch_size=None because the dataset yields whole batches. A batch is valid until the next one
+    is taken (ring buffers)."""
     store = FeatureStore.open(store_path)
     frame_indices(store.shapes.frames, config.frames)  # fails here, not in a worker
     _check_rows(store, train_rows, "training")
-    dataset = TrainBatches(store_path, train_rows, config, position, store.chunk_videos)
+    dataset = TrainBatches(store_path, train_rows, config, position, store.chunk_videos, part)
     log.info("train loader: %d rows, %d batches of %d per epoch, from epoch %d batch %d, %d workers, %s",
              dataset.train_rows.size, dataset.batches_per_epoch, config.batch_size, position.epoch,
              position.batch, config.num_workers,

@@ -37,7 +37,8 @@ def unknown_settings(model: type[BaseModel], values: Mapping[str, Any], prefix: 
 
 
 def train_config(preset: str, overrides: Mapping[str, Any] | None = None, *, batch_size: int | None = None,
-                 lr: float | None = None, max_minutes: float | None = None) -> TrainConfig:
+                 lr: float | None = None, max_minutes: float | None = None,
+                 nproc: int | None = None) -> TrainConfig:
     """The preset's training config, `overrides` over it (a dict merges into a nested config: {"loader":
     {"num_workers": 2}} keeps the preset's other loader settings), the plain knobs over those."""
     overrides = dict(overrides or {})
@@ -49,7 +50,7 @@ def train_config(preset: str, overrides: Mapping[str, Any] | None = None, *, bat
     if unknown:
         raise TrainOverrideError(f"train names settings that do not exist: {', '.join(unknown)} "
                                  f"(the fields of TrainConfig in tasks/train_config.py)")
-    knobs: dict[str, Any] = {"lr": lr, "max_minutes": max_minutes}
+    knobs: dict[str, Any] = {"lr": lr, "max_minutes": max_minutes, "nproc": nproc}
     knobs = {key: value for key, value in knobs.items() if value is not None}
     if batch_size is not None:
         knobs["loader"] = {"batch_size": batch_size}

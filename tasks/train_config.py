@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from model.config import ModelConfig
 from model.encoder_config import EncoderConfig
@@ -61,10 +61,25 @@ class TrainConfig(Presets, BaseModel):
     eval_batches: int = Field(8, ge=1, description="held-out batches evaluated at the end of each chunk")
     attention_videos: int = Field(3, ge=0, description="held-out videos whose attention is drawn after each chunk")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    nproc: int = Field(1, ge=1, le=64, description="processes that train each chunk together on this host "
+                                                   "(DDP, one per visible GPU, gloo on a CPU); each takes "
+                                                   "batch_size/nproc rows of every batch")
+    dist_timeout_s: float = Field(300.0, gt=0, description="with nproc > 1: seconds a process waits for the others "
+                                                           "in a collective before the chunk fails")
     seed: int = Field(0, description="seed of the model's initialisation and of the data order")
     expect_dino: str | None = Field(None, description="DINOv2 id the store must have (None: the preset's)")
     expect_vae: str | None = Field(None, description="VAE id the store must have (None: the preset's)")
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="metrics logging")
+
+    @model_validator(mode="after")
+    def _check_nproc(self) -> "TrainConfig":
+        batch = self.loader.batch_size
+        if batch % self.nproc:
+            raise ValueError(
+                f"loader.batch_size {batch} is not divisible by nproc {self.nproc}: every process takes an equal "
+                f"slice of each batch; set --batch-size to a multiple of {self.nproc} or --nproc to a divisor "
+                f"of {batch}")
+        return self
 
     def expected_encoders(self) -> dict[str, str]:
         encoders = EncoderConfig.for_preset(self.preset)

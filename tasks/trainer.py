@@ -6,6 +6,7 @@ a checkpoint store and a metrics sink.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -24,6 +25,7 @@ from storage.checkpoints import CheckpointError, CheckpointStore
 from storage.feature_codec import features_on_device
 from storage.loader import LoaderPosition
 from tasks.metrics import MetricWindow, MetricsSink, ratio_metrics
+from tasks.ranks import Ranks
 from tasks.runtime import progress_bar, resolve_device
 from tasks.train_config import TrainConfig
 
@@ -91,11 +93,16 @@ class Budget:
 
 class Trainer:
     """Trains one model: optimizer steps (split into micro-batches after running out of memory), the loop of a
-    timed chunk, held-out evaluation, and the checkpoint dictionary."""
+    timed chunk, held-out evaluation, and the checkpoint dictionary.
 
-    def __init__(self, config: TrainConfig):
+    With `ranks` of several processes (tasks/distributed.py) each rank trains on its slice of every batch through
+    DistributedDataParallel, which averages the gradients; the ranks agree on when to stop and on the micro-batch
+    split, reduce the logged losses and the evaluation, and only rank 0 writes checkpoints."""
+
+    def __init__(self, config: TrainConfig, ranks: Ranks | None = None):
         self.config = config
-        self.device = torch.device(resolve_device(config.device))
+        self.ranks = ranks or Ranks()
+        self.device = self.ranks.device or torch.device(resolve_device(config.device))
         self.model = build_model(config.model, config.seed).to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
@@ -113,6 +120,17 @@ class Trainer:
         self.graphed = self.device.type == "cuda" and config.compile_llm
         if self.graphed:
             self.model.llm.compile(mode="reduce-overhead")
+        self.net = self._wrap()  # what a step calls: the model, or its DDP wrapper
+
+    def _wrap(self) -> torch.nn.Module:
+        """With several ranks, the model in DDP: parameters and buffers broadcast from rank 0 here, gradients
+        averaged over the ranks in the backward pass. The buffers (rotary frequencies) are constants: not synced
+        in a forward, which then runs no collective, so that one rank may run out of memory in it alone."""
+        if not self.ranks.distributed:
+            return self.model
+        return torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False)
 
     def micro_batch(self, batch: int) -> int:
         """Samples per forward pass for a batch of `batch` samples."""
@@ -130,35 +148,74 @@ class Trainer:
 
         The parts' gradients add up to the whole batch's (each part's mean loss is weighted by its share), so the
         effective batch, and with it the recipe, is unchanged; the split is kept for the rest of the run.
+
+        Several ranks agree on the split before DDP's gradient all-reduce (the last part's backward pass): a rank
+        out of memory before that point splits on every rank; one out of memory inside that pass cannot, and ends
+        the chunk (see `_synced_backward`).
         """
         while True:
             self.optimizer.zero_grad(set_to_none=True)
+            last_loss, metrics, failed = None, {}, None
             try:
-                metrics = self._backward(features, latents)
-                break
+                last_loss, metrics = self._forward_parts(features, latents)
+                if not self.ranks.distributed:
+                    self.scaler.scale(last_loss).backward()
             except torch.OutOfMemoryError as err:
-                self._split_after_oom(features.shape[0], err)
+                failed = err
+            if self.ranks.any(failed is not None):  # every rank gets here, out of memory or not
+                self._split_after_oom(features.shape[0], failed)
+                last_loss = failed = None  # the abandoned pass's graph (and traceback) go with them
+                if self.ranks.distributed:
+                    # A rank whose last forward pass ran has a DDP reducer waiting for that pass's backward: a
+                    # new wrapper (all ranks together, parameters unchanged) starts the retry from a clean state.
+                    self.net = self._wrap()
+                continue
+            if self.ranks.distributed:
+                self._synced_backward(last_loss)
+            break
         self._apply_gradients()
         self.global_step += 1
         return metrics
 
-    def _backward(self, features: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward and backward passes over the micro-batches; the batch's metrics, weighted by share."""
+    def _forward_parts(self, features: torch.Tensor,
+                       latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward passes over the micro-batches but the last, then the last one's forward: its loss
+        (weighted by its share, backward pass still to do) and the batch's metrics, weighted by share."""
         batch = features.shape[0]
+        # more parts than samples (a batch size lowered since the split): the empty ones are left out
+        parts = [(f, l) for f, l in zip(features.tensor_split(self.micro_batches),
+                                        latents.tensor_split(self.micro_batches)) if f.shape[0] > 0]
         totals: dict[str, torch.Tensor] = {}
-        for part_features, part_latents in zip(features.tensor_split(self.micro_batches),
-                                               latents.tensor_split(self.micro_batches)):
-            if part_features.shape[0] == 0:  # more parts than samples (a batch size lowered since the split)
-                continue
-            share = part_features.shape[0] / batch
-            if self.graphed:
-                torch.compiler.cudagraph_mark_step_begin()
-            with self.autocast:
-                loss, metrics = self.model(part_features, part_latents)
-            self.scaler.scale(loss * share if share < 1 else loss).backward()
-            for name, value in metrics.items():
-                totals[name] = totals[name] + value * share if name in totals else value * share
-        return totals
+        no_sync = self.net.no_sync() if self.ranks.distributed else contextlib.nullcontext()
+        with no_sync:  # DDP accumulates these parts' gradients locally; the last part's backward all-reduces
+            for part_features, part_latents in parts[:-1]:
+                self.scaler.scale(self._forward_part(part_features, part_latents, batch, totals)).backward()
+        return self._forward_part(*parts[-1], batch, totals), totals
+
+    def _forward_part(self, features: torch.Tensor, latents: torch.Tensor, batch: int,
+                      totals: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch's forward pass: its loss weighted by its share of the batch; its metrics into totals."""
+        share = features.shape[0] / batch
+        if self.graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+        with self.autocast:
+            loss, metrics = self.net(features, latents)
+        for name, value in metrics.items():
+            totals[name] = totals[name] + value * share if name in totals else value * share
+        return loss * share if share < 1 else loss
+
+    def _synced_backward(self, loss: torch.Tensor) -> None:
+        """The last part's backward pass, in which DDP all-reduces the gradients. Out of memory here, the other
+        ranks wait in the all-reduce: this rank fails, the launcher stops the others, the chunk ends with an error
+        and the next resumes from the last checkpoint."""
+        try:
+            self.scaler.scale(loss).backward()
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"out of memory on rank {self.ranks.rank} at step {self.global_step} in the backward pass that "
+                f"all-reduces the gradients, where the ranks cannot agree on a smaller micro-batch; the chunk "
+                f"stops and the next one resumes from the last checkpoint. Lower --batch-size, or run a chunk "
+                f"with --nproc 1 to find the split (it is kept in the checkpoint)") from err
 
     def _apply_gradients(self) -> None:
         """Clip the gradient norm, step the optimizer and the lr schedule."""
@@ -168,7 +225,8 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
 
-    def _split_after_oom(self, batch: int, err: torch.OutOfMemoryError) -> None:
+    def _split_after_oom(self, batch: int, err: torch.OutOfMemoryError | None) -> None:
+        """Twice as many micro-batches (err: this rank's error; None on a rank that fitted but whose peer did not)."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -179,16 +237,17 @@ class Trainer:
             ) from err
         before = self.micro_batch(batch)
         self.micro_batches = min(batch, self.micro_batches * 2)
-        log.warning("out of memory at step %d with micro-batch %d: now %d micro-batches of %d with gradient "
-                    "accumulation (effective batch %d unchanged)", self.global_step, before, self.micro_batches,
-                    self.micro_batch(batch), batch)
+        log.warning("out of memory%s at step %d with micro-batch %d: now %d micro-batches of %d with gradient "
+                    "accumulation (effective batch %d unchanged)", "" if err else " on another rank",
+                    self.global_step, before, self.micro_batches, self.micro_batch(batch),
+                    batch * self.ranks.world)
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
     def fit(self, batches: Iterable[Batch], checkpoints: CheckpointStore, sink: MetricsSink, budget: Budget) -> str:
         """Train until the budget ends, checkpointing every checkpoint_every steps. Returns why it stopped:
         'time', 'steps' (the chunk's limit), 'total_steps' or 'cancelled' (budget.stop_requested)."""
-        stopped = budget.stop_reason(self.global_step)
+        stopped = self.ranks.agree_stop(budget.stop_reason(self.global_step))
         if stopped in ("total_steps", "cancelled"):
             return stopped
         window = MetricWindow(self.device)
@@ -199,7 +258,7 @@ class Trainer:
                 batch = next(batch_iter)
                 features = features_on_device(batch, self.device)  # (B, T, N, D) float16
                 latents = batch["latents"].to(self.device, non_blocking=True)  # (B, T, C, S, S) float16
-                window.add(self.step(features, latents), features.shape[0])
+                window.add(self.step(features, latents), features.shape[0] * self.ranks.world)
                 self.position = self.position.advanced(batch)
                 if self.global_step % self.config.log_every == 0:
                     self._log_window(window, checkpoints, sink)
@@ -207,12 +266,14 @@ class Trainer:
                 bar.update(min(int(budget.elapsed()), bar.total) - bar.n)
                 if self.global_step % self.config.checkpoint_every == 0:
                     self.save(checkpoints)
-                stopped = budget.stop_reason(self.global_step)
+                stopped = self.ranks.agree_stop(budget.stop_reason(self.global_step))
                 if stopped:
                     return stopped
 
     def _log_window(self, window: MetricWindow, checkpoints: CheckpointStore, sink: MetricsSink) -> None:
-        """The window's mean losses to the sink; a non-finite mean stops the run before anything is saved."""
+        """The window's mean losses to the sink; a non-finite mean stops the run before anything is saved.
+        Averaged over the ranks first (equal slices: the global batch's mean), so every rank stops together."""
+        self.ranks.average_(window.fine, window.coarse)
         summary = window.summary()
         if not (math.isfinite(summary["loss_fine"]) and math.isfinite(summary["loss_coarse"])):
             self.raise_diverged(checkpoints, f"the mean loss of steps {self.global_step - window.steps + 1}-"
@@ -223,7 +284,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
-        """loss_fine, loss_coarse, ratio, improvement_pct on held-out batches (sample-weighted means)."""
+        """loss_fine, loss_coarse, ratio, improvement_pct on held-out batches (sample-weighted means). Several
+        ranks each evaluate their own held-out rows; the sums of loss * samples and of samples are added up."""
         self.model.eval()
         fine = coarse = 0.0
         samples = 0
@@ -240,22 +302,26 @@ class Trainer:
                 coarse += metrics["loss_coarse"].item() * n
                 samples += n
         self.model.train()
+        fine, coarse, samples = self.ranks.sum([fine, coarse, samples])
         if samples == 0:
             return {"loss_fine": float("nan"), "loss_coarse": float("nan"), "ratio": float("nan"),
                     "improvement_pct": float("nan"), "eval_samples": 0}
-        return {**ratio_metrics(fine / samples, coarse / samples), "eval_samples": samples}
+        return {**ratio_metrics(fine / samples, coarse / samples), "eval_samples": int(samples)}
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def save(self, checkpoints: CheckpointStore) -> Path:
         """Checkpoint, unless a weight is NaN/inf: a diverged model is never saved over the good ones.
 
-        One device sync per checkpoint (the check of every parameter), nothing per step.
+        One device sync per checkpoint (the check of every parameter), nothing per step. Every rank checks (their
+        weights are the same, so they raise together); rank 0 alone writes.
         """
         params = [p.detach() for p in self.model.parameters()]
         finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
         if not bool(finite):
             self.raise_diverged(checkpoints, "some weights are NaN or inf")
+        if not self.ranks.is_main:
+            return checkpoints.path_for(self.global_step)
         return checkpoints.save(self.state(), self.global_step)
 
     def raise_diverged(self, checkpoints: CheckpointStore, what: str) -> None:

@@ -27,6 +27,7 @@ from storage.run_folder import RunFolder
 from storage.store import FeatureStore
 from tasks.attention import save_attention_pictures
 from tasks.metrics import MetricsSink
+from tasks.ranks import Ranks
 from tasks.runtime import resolve_device
 from tasks.train_config import TrainConfig, WandbConfig  # noqa: F401  (the chunk's configs, importable here)
 from tasks.trainer import Budget, Trainer, TrainingDivergedError, build_model, lr_factor  # noqa: F401
@@ -163,34 +164,50 @@ def train_chunk(store_path: str, run_dir: str | Path, config: TrainConfig, resum
     """Train one chunk under the run folder's lock and return what it did (the pictures: draw_chunk_pictures).
 
     SIGTERM while it runs (a cancelled flow run) ends the loop at the next step; the chunk is still checkpointed,
-    evaluated and recorded, with stopped_by 'cancelled'."""
+    evaluated and recorded, with stopped_by 'cancelled'. With config.nproc > 1 the chunk is a job of that many
+    processes (tasks/distributed.py) and this process holds the lock around it (`metrics_sink`: one process only;
+    the job's rank 0 makes its own)."""
     folder = RunFolder(run_dir)
     with folder.lock(), stop_on_sigterm() as stop:
         folder.chain_id()  # the chain's id is made with the folder (storage.run_folder)
-        data = ChunkData.open(store_path, config)
-        checkpoints = folder.checkpoints(keep=config.keep_checkpoints)
-        trainer, source = resume_trainer(checkpoints, config, resume)
-        chunk = len(folder.read_history()) + 1
-        log.info("store %s: %s", store_path, data.sampling["described"])
-        sink = metrics_sink or MetricsSink.for_run(folder.path, config, trainer.wandb_run_id,
-                                                   data={"store": store_path, "sampling": data.sampling})
-        result = _run_chunk(trainer, data, checkpoints, sink, chunk, stop)
-        result.resumed_from = source
-        if stop():  # asked during the loop, or after it (evaluation): either way the chain stops here
-            result.stopped_by = "cancelled"
-            log.warning("chunk %d stopped by %s at step %d: checkpoint %s saved", chunk,
-                        signal.Signals(stop.signal or signal.SIGTERM).name, result.step, result.checkpoint)
+        if config.nproc > 1:
+            from tasks.distributed import launch_chunk  # torch.distributed's launcher only when asked for
+
+            ChunkData.open(store_path, config)  # a store that does not fit fails here, before any process starts
+            return launch_chunk(store_path, folder.path, config, resume)
+        return train_in_folder(folder, store_path, config, resume, stop, Ranks(), metrics_sink)
+
+
+def train_in_folder(folder: RunFolder, store_path: str, config: TrainConfig, resume: str | None,
+                    stop: StopRequest, ranks: Ranks, metrics_sink: MetricsSink | None = None) -> ChunkResult:
+    """The chunk itself, the folder already locked; with several ranks, rank 0 alone records it and logs."""
+    data = ChunkData.open(store_path, config)
+    checkpoints = folder.checkpoints(keep=config.keep_checkpoints)
+    trainer, source = resume_trainer(checkpoints, config, resume, ranks)
+    chunk = len(folder.read_history()) + 1
+    log.info("store %s: %s", store_path, data.sampling["described"])
+    sink = metrics_sink or (MetricsSink.for_run(folder.path, config, trainer.wandb_run_id,
+                                                data={"store": store_path, "sampling": data.sampling})
+                            if ranks.is_main else MetricsSink(None))
+    result = _run_chunk(trainer, data, checkpoints, sink, chunk, stop)
+    result.resumed_from = source
+    if stop() or result.stopped_by == "cancelled":  # asked during the loop (any rank), or after it (evaluation)
+        result.stopped_by = "cancelled"
+        log.warning("chunk %d stopped by %s at step %d: checkpoint %s saved", chunk,
+                    signal.Signals(stop.signal or signal.SIGTERM).name, result.step, result.checkpoint)
+    if ranks.is_main:
         folder.append_history(result.history_record(data.sampling))
         sink.log({f"eval/{k}": v for k, v in result.eval.items()}, trainer.global_step)
-        if metrics_sink is None:
-            sink.close()
-        return result
+    if metrics_sink is None:
+        sink.close()
+    return result
 
 
-def resume_trainer(checkpoints: CheckpointStore, config: TrainConfig,
-                   resume: str | None) -> tuple[Trainer, str | None]:
-    """A Trainer at the latest checkpoint (or at `resume`), or at step 0 seeded from the config."""
-    trainer = Trainer(config)
+def resume_trainer(checkpoints: CheckpointStore, config: TrainConfig, resume: str | None,
+                   ranks: Ranks | None = None) -> tuple[Trainer, str | None]:
+    """A Trainer at the latest checkpoint (or at `resume`), or at step 0 seeded from the config. Every rank
+    loads the same checkpoint: the same weights, optimizer, position and random state."""
+    trainer = Trainer(config, ranks)
     # An explicit --resume must load as asked; the run folder's own latest falls back past a damaged one.
     loaded = (checkpoints.load(resume, map_location="cpu"), Path(resume)) if resume else checkpoints.load_latest()
     if loaded is None:
@@ -207,8 +224,9 @@ def _run_chunk(trainer: Trainer, data: ChunkData, checkpoints: CheckpointStore, 
     config = trainer.config
     start_step = trainer.global_step
     budget = Budget.for_chunk(config, start_step, stop)
+    ranks = trainer.ranks
     loader = make_train_loader(data.path, data.train_rows, config.loader, trainer.position,
-                               pin_memory=trainer.device.type == "cuda")
+                               pin_memory=trainer.device.type == "cuda", part=(ranks.rank, ranks.world))
     if loader.num_workers > 0 and loader.worker_init_fn is None:
         loader.worker_init_fn = ignore_sigterm
     stopped_by = trainer.fit(loader, checkpoints, sink, budget)
@@ -216,14 +234,16 @@ def _run_chunk(trainer: Trainer, data: ChunkData, checkpoints: CheckpointStore, 
     # Saved once per step: the loop may just have saved this one, or a resumed finished run has it already.
     saved = trainer.global_step in checkpoints.steps()
     checkpoint = checkpoints.path_for(trainer.global_step) if saved else trainer.save(checkpoints)
-    evaluation = trainer.evaluate(eval_batches(data.path, data.eval_rows, config.loader,
+    # The first eval_batches batches' rows, whatever the number of ranks; each rank evaluates its share of them.
+    held_out = np.unique(data.eval_rows)[: config.eval_batches * config.loader.batch_size]
+    evaluation = trainer.evaluate(eval_batches(data.path, ranks.share(held_out), config.loader,
                                                max_batches=config.eval_batches))
     samples = (trainer.global_step - start_step) * config.loader.batch_size
     return ChunkResult(
         chunk=chunk, start_step=start_step, step=trainer.global_step, seconds=round(seconds, 3),
         samples_per_s=samples / seconds if seconds > 0 else 0.0, train=sink.last_train, eval=evaluation,
         checkpoint=str(checkpoint), wandb_run_id=trainer.wandb_run_id, stopped_by=stopped_by,
-        micro_batch=trainer.micro_batch(config.loader.batch_size),
+        micro_batch=trainer.micro_batch(config.loader.batch_size // ranks.world),
     )
 
 
