@@ -5,7 +5,7 @@
 #   make test          the test suite (no GPU, no network)
 #   make test-fast     without the slow end-to-end tests
 #   make test-faults   the fault-injection and bad-input suites (kills, full disks, damaged files, fuzzed input)
-#   make bench         the CPU benchmarks (precompute, loader, train step, listing)
+#   make bench         the CPU benchmarks (precompute, feature codec, loader, train step, listing)
 #   make gpu-check     on one CUDA GPU (< 8 min): compiled vs eager train step, full-size precompute, batch-64 step
 #   make ui-check      the Prefect UI in headless Chromium (installs Debian's chromium when missing; about 2 min):
 #                      pictures really render; screenshots into docs/ui
@@ -47,6 +47,7 @@ test-faults: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/precompute.py
+	$(BIN)/python benchmarks/feature_codec.py
 	$(BIN)/python benchmarks/loader.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/listing.py
