@@ -314,6 +314,7 @@ def run_demo(workdir: Path, codec: str, seed: int, videos_from: Path | None,
     if done.returncode != 0:
         raise SystemExit(f"`{' '.join(command)}` failed ({done.returncode}): see {workdir / 'demo.log'}")
     state = json.loads((workdir / "run" / "state.json").read_text())
+    shutil.rmtree(workdir / "features.zarr")  # 1.5-3 GB; the run folder, the log and the videos stay
     print(f"demo, {codec} features: held-out ratio {state['ratio']:.4f} after {state['step']} steps "
           f"({state['reason']}), {minutes:.1f} min")
     return {"ratio": state["ratio"], "steps": state["step"], "reason": state["reason"], "minutes": minutes}
@@ -406,6 +407,8 @@ def measure_groups(store: FeatureStore, rows: np.ndarray, ids: list[str], work: 
     if shared.size:
         layouts["shared"] = measure_layouts(store, shared, work / "layouts-shared")
         print_layouts(layouts["shared"], f"the {shared.size} shared real videos alone")
+    for folder in ("layouts", "layouts-shared"):  # about 1.3 GB, measured: not kept
+        shutil.rmtree(work / folder, ignore_errors=True)
     return layouts
 
 
