@@ -74,11 +74,6 @@ class Ranks:
         dist.all_reduce(total, group=self.control)
         return total.tolist()
 
-    def slice(self, batch_size: int) -> tuple[int, int]:
-        """(start, stop) of this rank's contiguous part of a global batch of `batch_size`."""
-        part = batch_size // self.world
-        return self.rank * part, (self.rank + 1) * part
-
     def share(self, rows: np.ndarray) -> np.ndarray:
         """This rank's contiguous part of `rows` (sizes differ by at most one; empty when rows < world)."""
         return np.array_split(np.asarray(rows), self.world)[self.rank]

@@ -607,17 +607,22 @@ def test_a_run_folder_deleted_and_started_again_starts_a_working_chain(workers, 
 # ---- zombie runs ---------------------------------------------------------------------------------------
 
 
+def ten_second_zombie_automation():
+    """The setup's zombie automation with a 10 s window (the server's minimum) and a tag of its own."""
+    from flows.infra import InfraConfig, zombie_automation
+
+    config = InfraConfig(tag=f"zombie-{uuid.uuid4().hex[:6]}", automation="test: zombie runs within 10 s")
+    automation = zombie_automation(config)
+    return config, automation.model_copy(update={"trigger": automation.trigger.model_copy(
+        update={"within": timedelta(seconds=10)})})
+
+
 def test_a_run_whose_heartbeats_stop_is_marked_crashed(deployed):
     """The setup's automation with a 10 s window (the server's minimum), on runs with and without the tag."""
     from prefect.client.schemas.objects import StateType
     from prefect.states import Running
 
-    from flows.infra import InfraConfig, zombie_automation
-
-    config = InfraConfig(tag=f"zombie-{uuid.uuid4().hex[:6]}", automation="test: zombie runs within 10 s")
-    automation = zombie_automation(config)
-    automation = automation.model_copy(update={"trigger": automation.trigger.model_copy(
-        update={"within": timedelta(seconds=10)})})
+    config, automation = ten_second_zombie_automation()
     with deployed.client() as client:
         automation_id = client.create_automation(automation)
         runs = {}

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -228,13 +228,9 @@ def test_the_zombie_automation_still_acts_with_auth_on(server):
     from prefect.client.schemas.objects import StateType
     from prefect.states import Running
 
-    from flows.infra import InfraConfig, zombie_automation
-    from tests.flows.test_deployments import _probe_flow
+    from tests.flows.test_deployments import _probe_flow, ten_second_zombie_automation
 
-    config = InfraConfig(tag=f"zombie-{uuid.uuid4().hex[:6]}", automation="test: zombie runs within 10 s")
-    automation = zombie_automation(config)
-    automation = automation.model_copy(update={"trigger": automation.trigger.model_copy(
-        update={"within": timedelta(seconds=10)})})
+    config, automation = ten_second_zombie_automation()
     with server.client() as client:
         automation_id = client.create_automation(automation)
         run = client.create_flow_run(_probe_flow(), tags=[config.tag])
